@@ -1,0 +1,201 @@
+"""One configuration object for model, diffusion and data, stored inside every checkpoint.
+
+A checkpoint is ``{"model": state_dict, "config": SegDiffConfig.to_dict()}`` and loads with
+``torch.load(weights_only=True)``: everything here is a plain Python type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+NETWORKS = ("concat", "medsegdiff", "dermosegdiff", "cimd", "unet")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+INTENSITY_MODES = ("percentile", "ct")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a monai-segdiff checkpoint, or one that cannot be used as asked."""
+
+
+@dataclass
+class SegDiffConfig:
+    """Everything needed to rebuild a network and run it on a new image.
+
+    Args:
+        labels: foreground label names; label value = position + 1, 0 is background.
+        network: one of ``NETWORKS``.
+        spatial_dims: 2 runs on slices (2D / 2.5D), 3 on 3D patches.
+        image_channels: channels of the input image (modalities / RGB).
+        context: neighbouring slices on each side added as channels in 2.5D mode.
+        channels: feature channels per level of the denoiser.
+        num_res_blocks: residual blocks per level.
+        attention_levels: self-attention per level (costly on CPU at high resolution).
+        num_head_channels: channels per attention head.
+        norm_num_groups: group-norm groups; every entry of ``channels`` must be a multiple.
+        dropout: dropout of the baseline UNet (used for MC-dropout).
+        spacing: target voxel spacing in mm; a value <= 0 keeps the image's own spacing on that axis.
+        slice_axis: axis (0, 1, 2 of the RAS volume) that 2D mode slices along; 2 = axial.
+        roi_size: training patch size (in-plane size for 2D, patch size for 3D).
+        intensity: ``percentile`` (robust, CT and MRI) or ``ct`` (fixed Hounsfield window).
+        percentiles: lower/upper percentile mapped to [-1, 1] in ``percentile`` mode.
+        ct_window: Hounsfield window mapped to [-1, 1] in ``ct`` mode.
+        prediction_type: denoiser target, ``epsilon``, ``sample`` (x0) or ``v_prediction``.
+        train_timesteps: length of the diffusion chain in training.
+        beta_schedule: MONAI scheduler schedule name.
+        sample_steps: default DDIM steps at inference.
+        num_samples: default ensemble size at inference.
+        eta: DDIM eta (0 = deterministic given the initial noise).
+        aux_dice_weight: weight of the auxiliary Dice loss on the predicted x0.
+        foreground_fraction: share of training slices/patches centred on foreground.
+        uncertainty: voxel map written by infer (``entropy``, ``mutual_information``, ...).
+        fusion: how members are fused into one label map (``mean``, ``vote``, ``staple``).
+    """
+
+    labels: list[str] = field(default_factory=lambda: ["foreground"])
+    network: str = "concat"
+    spatial_dims: int = 2
+    image_channels: int = 1
+    context: int = 1
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    num_res_blocks: int = 1
+    attention_levels: list[bool] = field(default_factory=lambda: [False, False, False])
+    num_head_channels: int = 32
+    norm_num_groups: int = 16
+    dropout: float = 0.1
+    spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, -1.0])
+    slice_axis: int = 2
+    roi_size: list[int] = field(default_factory=lambda: [96, 96])
+    intensity: str = "percentile"
+    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    ct_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
+    prediction_type: str = "sample"
+    train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear_beta"
+    sample_steps: int = 4
+    num_samples: int = 5
+    eta: float = 0.0
+    aux_dice_weight: float = 1.0
+    foreground_fraction: float = 0.7
+    uncertainty: str = "entropy"
+    fusion: str = "mean"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- derived values -------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        """Classes including background."""
+        return len(self.labels) + 1
+
+    @property
+    def label_names(self) -> dict[str, int]:
+        """MONAI Label style ``{name: value}``, background included."""
+        return {"background": 0, **{name: i + 1 for i, name in enumerate(self.labels)}}
+
+    @property
+    def in_channels(self) -> int:
+        """Image channels the network sees (2.5D context slices included)."""
+        extra = 2 * self.context if self.spatial_dims == 2 else 0
+        return self.image_channels * (1 + extra)
+
+    @property
+    def is_diffusion(self) -> bool:
+        return self.network != "unet"
+
+    # -- checks ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ValueError`` with a one-line reason on any inconsistent setting."""
+        errors = []
+        if self.network not in NETWORKS:
+            errors.append(f"network must be one of {', '.join(NETWORKS)}, got {self.network!r}")
+        if self.spatial_dims not in (2, 3):
+            errors.append(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if not self.labels or len(set(self.labels)) != len(self.labels):
+            errors.append("labels must be a non-empty list of distinct names")
+        if self.prediction_type not in PREDICTION_TYPES:
+            errors.append(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}")
+        if self.intensity not in INTENSITY_MODES:
+            errors.append(f"intensity must be one of {', '.join(INTENSITY_MODES)}")
+        if any(c % self.norm_num_groups for c in self.channels):
+            errors.append(f"channels {self.channels} must be multiples of norm_num_groups {self.norm_num_groups}")
+        if len(self.attention_levels) != len(self.channels):
+            errors.append("attention_levels needs one entry per level of channels")
+        if len(self.roi_size) != self.spatial_dims:
+            errors.append(f"roi_size needs {self.spatial_dims} entries for spatial_dims {self.spatial_dims}")
+        elif any(s % self.divisor for s in self.roi_size):
+            errors.append(f"roi_size {self.roi_size} must be divisible by {self.divisor}")
+        if self.sample_steps < 1 or self.sample_steps > self.train_timesteps:
+            errors.append(f"sample_steps must be in 1..{self.train_timesteps}, got {self.sample_steps}")
+        if self.num_samples < 1:
+            errors.append(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.image_channels < 1 or self.context < 0:
+            errors.append("image_channels must be >= 1 and context >= 0")
+        if len(self.spacing) != 3:
+            errors.append("spacing needs 3 values (mm; <= 0 keeps the image's spacing)")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    @property
+    def divisor(self) -> int:
+        """Spatial sizes must be divisible by this (one halving per level below the top)."""
+        return 2 ** (len(self.channels) - 1)
+
+    # -- plain-type round trip ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SegDiffConfig":
+        """Build from a dict; unknown keys go to ``extra`` so newer checkpoints still load."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = dict(kwargs.pop("extra", {}) or {})
+        extra.update({k: v for k, v in data.items() if k not in known})
+        return cls(**kwargs, extra=extra)
+
+    def replace(self, **changes: Any) -> "SegDiffConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: dict, config: SegDiffConfig, **extra: Any) -> Path:
+    """Write ``{"model", "config", **extra}`` atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model": {k: v.detach().cpu() for k, v in state_dict.items()}, "config": config.to_dict(), **extra}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict, SegDiffConfig, dict]:
+    """Return ``(state_dict, config, rest)``; raise ``CheckpointError`` for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt or foreign file
+        raise CheckpointError(f"not a readable monai-segdiff checkpoint: {path} ({type(e).__name__})") from e
+    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
+        raise CheckpointError(f"not a monai-segdiff checkpoint (needs 'model' and 'config'): {path}")
+    try:
+        config = SegDiffConfig.from_dict(payload["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} has an invalid config: {e}") from e
+    rest = {k: v for k, v in payload.items() if k not in ("model", "config")}
+    return payload["model"], config, rest

@@ -1,0 +1,147 @@
+"""Volume inferer: slices (2D / 2.5D) or sliding-window patches (3D) in bounded batches, ensemble of
+N members, returning mean class probabilities, the N member label maps and the mean member entropy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import Inferer, sliding_window_inference
+from torch import nn
+
+# ``(net, image_batch [B, C, ...], num_samples, generator) -> member probabilities [N, B, K, ...]``
+MemberFn = Callable[[nn.Module, torch.Tensor, int, "torch.Generator | None"], torch.Tensor]
+
+
+@dataclass
+class EnsembleOutput:
+    """What one volume yields; spatial grid = the inferer's input grid."""
+
+    probs: torch.Tensor  # [K, *spatial] float32, mean over members
+    samples: torch.Tensor  # [N, *spatial] uint8 class index per member
+    expected_entropy: torch.Tensor  # [*spatial] float32, mean member entropy (nats)
+
+
+def context_slices(volume: torch.Tensor, context: int) -> torch.Tensor:
+    """``[C, H, W, D] -> [D, C * (2 * context + 1), H, W]``: each slice with its neighbours as
+    channels (2.5D); edge slices repeat the border slice."""
+    c, h, w, d = volume.shape
+    idx = torch.arange(d)[:, None] + torch.arange(-context, context + 1)[None, :]
+    idx = idx.clamp(0, d - 1)  # [D, 2c+1]
+    stacked = volume.permute(3, 0, 1, 2)[idx]  # [D, 2c+1, C, H, W]
+    return stacked.permute(0, 2, 1, 3, 4).reshape(d, c * (2 * context + 1), h, w)
+
+
+def pad_to_multiple(x: torch.Tensor, divisor: int, spatial_dims: int, value: float = -1.0):
+    """Pad the last ``spatial_dims`` axes up to a multiple of ``divisor``; returns (padded, crop slices)."""
+    sizes = x.shape[-spatial_dims:]
+    pads, crop = [], []
+    for s in reversed(sizes):
+        total = (-s) % divisor
+        pads += [total // 2, total - total // 2]
+    for s, (lo, _hi) in zip(sizes, zip(pads[::2][::-1], pads[1::2][::-1])):
+        crop.append(slice(lo, lo + s))
+    return F.pad(x, pads, value=value), tuple(crop)
+
+
+def _entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(dim)
+
+
+class SegDiffInferer(Inferer):
+    """Run an ensemble predictor over a whole preprocessed volume.
+
+    Args:
+        members: function returning member probabilities for an image batch (a sampler's
+            ``probabilities`` method).
+        num_samples: ensemble size N.
+        num_classes: K, background included.
+        spatial_dims: 2 = slice mode along the last axis, 3 = sliding-window patches.
+        context: neighbouring slices per side as extra channels (2D only).
+        divisor: network size divisor (slices are padded to a multiple).
+        max_batch_pixels: bound on voxels per network call (members x slices x pixels), which
+            bounds memory for CT-sized volumes.
+        roi_size: 3D patch size; overlap: sliding-window overlap (3D only).
+        seed: seed of the initial noise, so a run is reproducible.
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        members: MemberFn,
+        num_samples: int,
+        num_classes: int,
+        spatial_dims: int = 2,
+        context: int = 0,
+        divisor: int = 4,
+        max_batch_pixels: int = 2**20,
+        roi_size: Sequence[int] | None = None,
+        overlap: float = 0.25,
+        seed: int | None = 0,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        self.members, self.n, self.k = members, int(num_samples), int(num_classes)
+        self.spatial_dims, self.context, self.divisor = spatial_dims, context, divisor
+        self.max_batch_pixels, self.roi_size, self.overlap = max_batch_pixels, roi_size, overlap
+        self.seed, self.progress = seed, progress
+
+    def _generator(self) -> torch.Generator | None:
+        return None if self.seed is None else torch.Generator().manual_seed(int(self.seed))
+
+    @torch.inference_mode()
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> EnsembleOutput:
+        """``inputs [C, *spatial]`` (one preprocessed volume, or one 2D image)."""
+        x = torch.as_tensor(inputs).float()
+        if x.ndim - 1 == 2 and self.spatial_dims == 2:  # a 2D image: one slice, no context
+            x = x[..., None]
+        if self.spatial_dims == 2:
+            return self._slices(x, network)
+        return self._patches(x, network)
+
+    def _slices(self, volume: torch.Tensor, net: nn.Module) -> EnsembleOutput:
+        c, h, w, d = volume.shape
+        probs = torch.zeros(self.k, h, w, d)
+        samples = torch.zeros(self.n, h, w, d, dtype=torch.uint8)
+        exp_ent = torch.zeros(h, w, d)
+        gen = self._generator()
+        per_batch = max(1, self.max_batch_pixels // (self.n * h * w))
+        starts = range(0, d, per_batch)
+        if self.progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="slices", unit="batch", leave=False)
+        for z0 in starts:
+            z1 = min(d, z0 + per_batch)
+            sub = volume[..., max(0, z0 - self.context) : min(d, z1 + self.context)]
+            batch = context_slices(sub, self.context)[z0 - max(0, z0 - self.context) :][: z1 - z0]
+            batch, crop = pad_to_multiple(batch, self.divisor, 2)
+            p = self.members(net, batch, self.n, gen)[..., crop[0], crop[1]]  # [N, B, K, h, w]
+            probs[..., z0:z1] = p.mean(0).permute(1, 2, 3, 0)
+            samples[..., z0:z1] = p.argmax(2).to(torch.uint8).permute(0, 2, 3, 1)
+            exp_ent[..., z0:z1] = _entropy(p, 2).mean(0).permute(1, 2, 0)
+        return EnsembleOutput(probs, samples, exp_ent)
+
+    def _patches(self, volume: torch.Tensor, net: nn.Module) -> EnsembleOutput:
+        gen = self._generator()
+        roi = tuple(self.roi_size or [min(s, 64) for s in volume.shape[1:]])
+        n, k = self.n, self.k
+
+        def predictor(patch: torch.Tensor) -> torch.Tensor:
+            p = self.members(net, patch, n, gen)  # [N, B, K, ...]
+            return p.transpose(0, 1).reshape(patch.shape[0], n * k, *patch.shape[2:])
+
+        padded, crop = pad_to_multiple(volume[None], self.divisor, 3)
+        roi = tuple(min(r, s) - (min(r, s) % self.divisor) for r, s in zip(roi, padded.shape[2:]))
+        sw_batch = max(1, self.max_batch_pixels // (n * math.prod(roi)))
+        out = sliding_window_inference(
+            padded, roi, sw_batch, predictor, overlap=self.overlap, mode="gaussian", progress=self.progress
+        )
+        member_probs = out[0][(slice(None), *crop)].reshape(n, k, *volume.shape[1:])
+        member_probs = member_probs / member_probs.sum(1, keepdim=True).clamp_min(1e-8)
+        return EnsembleOutput(
+            member_probs.mean(0), member_probs.argmax(1).to(torch.uint8), _entropy(member_probs, 1).mean(0)
+        )

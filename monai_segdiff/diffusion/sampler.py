@@ -1,0 +1,127 @@
+"""Samplers: few-step DDIM (default) and full DDPM, N ensemble members run as one batch.
+
+The image path runs once per image batch (``net.condition``) and is reused by every step and every
+member; only ``net.forward(x_t, t, cond)`` runs per step. The sampler knows nothing else of the
+network (diffusers-style separation of model, scheduler and loop).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from ..config import SegDiffConfig
+from .schedule import ddim_scheduler, ddpm_scheduler, x0_to_probs
+
+METHODS = ("ddim", "ddpm")
+
+
+def repeat_members(cond: object, n: int) -> object:
+    """Repeat every tensor of a (possibly nested) condition ``n`` times along the batch axis,
+    member-major: ``[m0 b0..bB, m1 b0..bB, ...]``."""
+    return tree_map(lambda c: c.repeat(n, *([1] * (c.ndim - 1))) if isinstance(c, torch.Tensor) else c, cond)
+
+
+def trailing_timesteps(train_timesteps: int, steps: int) -> list[int]:
+    """Evenly spaced steps that start at the last training timestep ("trailing" spacing,
+    Lin et al. 2024), so sampling starts from pure noise even with very few steps."""
+    stride = train_timesteps / steps
+    return [int(round(train_timesteps - i * stride)) - 1 for i in range(steps)]
+
+
+class DiffusionSampler:
+    """Draw ``num_samples`` masks per image.
+
+    Args:
+        cfg: diffusion settings of the checkpoint (schedule, prediction type).
+        steps: DDIM steps (ignored for ``ddpm``, which runs all ``train_timesteps``).
+        eta: DDIM eta; 0 makes each member deterministic given its initial noise.
+        method: ``ddim`` or ``ddpm``.
+    """
+
+    def __init__(self, cfg: SegDiffConfig, steps: int | None = None, eta: float | None = None, method: str = "ddim"):
+        if method not in METHODS:
+            raise ValueError(f"sampler method must be one of {', '.join(METHODS)}, got {method!r}")
+        steps = cfg.sample_steps if steps is None else int(steps)
+        if not 1 <= steps <= cfg.train_timesteps:
+            raise ValueError(f"steps must be in 1..{cfg.train_timesteps}, got {steps}")
+        self.cfg, self.method, self.steps = cfg, method, steps
+        self.eta = cfg.eta if eta is None else float(eta)
+        if method == "ddim":
+            self.scheduler = ddim_scheduler(cfg)
+            self.scheduler.set_timesteps(steps)
+            # MONAI's DDIM uses leading spacing; replace by trailing spacing (same stride, so
+            # ``step`` still reaches t = -1, i.e. alpha_bar = 1, at the end)
+            stride = cfg.train_timesteps // steps
+            self.scheduler.timesteps = torch.tensor(
+                [t for t in trailing_timesteps(cfg.train_timesteps, steps)], dtype=torch.long
+            )
+            self._stride = stride
+        else:
+            self.scheduler = ddpm_scheduler(cfg)
+            self.scheduler.set_timesteps(cfg.train_timesteps)
+
+    @property
+    def num_evaluations(self) -> int:
+        return len(self.scheduler.timesteps)
+
+    @torch.inference_mode()
+    def sample(
+        self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Return x0 estimates ``[N, B, K, *spatial]`` in [-1, 1] for ``image [B, C, *spatial]``."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        b = image.shape[0]
+        cond = repeat_members(net.condition(image), num_samples)
+        shape = (num_samples * b, self.cfg.num_classes, *image.shape[2:])
+        x = torch.randn(shape, generator=generator, device="cpu").to(image.device)
+        x0 = x
+        for t in self.scheduler.timesteps.tolist():
+            tt = torch.full((shape[0],), t, device=image.device, dtype=torch.long)
+            out = net(x, tt, cond)
+            if self.method == "ddim":
+                x, x0 = self._ddim_step(out, t, x, generator)
+            else:
+                x, x0 = self.scheduler.step(out, t, x, generator=generator)
+        return x0.clamp(-1, 1).reshape(num_samples, b, *shape[1:])
+
+    def _ddim_step(self, out: torch.Tensor, t: int, x: torch.Tensor, generator: torch.Generator | None):
+        # MONAI's DDIMScheduler.step derives the previous timestep from num_inference_steps; with
+        # trailing spacing the stride is the same, and the last step lands on t = -1 (alpha_bar = 1)
+        prev, x0 = self.scheduler.step(out, t, x, eta=self.eta, generator=generator)
+        return prev, x0
+
+    def probabilities(
+        self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Per-member class probabilities ``[N, B, K, *spatial]``."""
+        return x0_to_probs(self.sample(net, image, num_samples, generator), dim=2)
+
+
+class MCDropoutSampler:
+    """Monte-Carlo dropout on a deterministic network: N stochastic passes run as one batch."""
+
+    def __init__(self, cfg: SegDiffConfig):
+        self.cfg = cfg
+
+    @torch.inference_mode()
+    def probabilities(
+        self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        if generator is not None:  # dropout draws from the global generator
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        was_training = net.training
+        net.eval()
+        for m in net.modules():
+            if isinstance(m, (nn.Dropout, nn.Dropout2d, nn.Dropout3d)) and num_samples > 1:
+                m.train()
+        logits = net(image.repeat(num_samples, *([1] * (image.ndim - 1))))
+        net.train(was_training)
+        return torch.softmax(logits.float(), dim=1).reshape(num_samples, image.shape[0], *logits.shape[1:])
+
+
+def build_sampler(cfg: SegDiffConfig, steps: int | None = None, eta: float | None = None, method: str = "ddim"):
+    """The sampler matching ``cfg.network`` (MC-dropout for the baseline UNet)."""
+    return DiffusionSampler(cfg, steps, eta, method) if cfg.is_diffusion else MCDropoutSampler(cfg)

@@ -1,0 +1,36 @@
+"""The label set of a studies folder: ``labels.json`` (``{"name": value}``) at the folder's top, or,
+without one, ``label1..labelK`` up to the largest value found in the labels."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .transforms import InputError
+
+
+def label_names(studies: str | Path, items: Sequence[dict] = ()) -> list[str]:
+    """Foreground names ordered by value 1..K."""
+    path = Path(studies) / "labels.json"
+    if path.is_file():
+        try:
+            mapping = {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+        except (ValueError, AttributeError) as e:
+            raise InputError(f"{path} must map label names to integer values: {e}") from e
+        fg = sorted((v, k) for k, v in mapping.items() if v > 0)
+        if [v for v, _ in fg] != list(range(1, len(fg) + 1)):
+            raise InputError(f"{path}: label values must be 1..K without gaps, got {[v for v, _ in fg]}")
+        return [k for _, k in fg]
+    top = max((max_label(it["label"]) for it in items if "label" in it), default=0)
+    if top < 1:
+        raise InputError(f"no foreground label found under {Path(studies) / 'labels'}")
+    return [f"label{i}" for i in range(1, top + 1)]
+
+
+def max_label(path: str | Path) -> int:
+    from monai.transforms import LoadImage
+
+    return int(np.asarray(LoadImage(image_only=True)(str(path))).max())

@@ -1,0 +1,189 @@
+"""Transforms for diffusion segmentation: loading and resampling (MONAI), intensity normalisation
+that works for CT and MRI without per-scan tuning, masks <-> one-hot in [-1, 1], and foreground-aware
+2D-slice / 3D-patch sampling from preprocessed volumes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
+
+from .config import SegDiffConfig
+
+
+class InputError(ValueError):
+    """An image or label that cannot be used, with a one-line reason."""
+
+
+class CheckFinited(MapTransform):
+    """Replace NaN / Inf voxels by the finite minimum so they cannot poison normalisation."""
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            finite = torch.isfinite(img)
+            if not bool(finite.all()):
+                if not bool(finite.any()):
+                    raise InputError(f"{key} has no finite voxel")
+                img = img.clone()
+                img[~finite] = img[finite].min()
+                d[key] = img
+        return d
+
+
+class CheckLabelsd(MapTransform):
+    """Reject labels with values outside ``0..num_classes-1`` or a grid other than the image's."""
+
+    def __init__(self, keys: Sequence[str], num_classes: int, image_key: str = "image") -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.num_classes, self.image_key = num_classes, image_key
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lab = d[key]
+            if self.image_key in d and tuple(lab.shape[1:]) != tuple(d[self.image_key].shape[1:]):
+                raise InputError(
+                    f"{key} shape {tuple(lab.shape[1:])} does not match image shape {tuple(d[self.image_key].shape[1:])}"
+                )
+            values = torch.unique(lab.round())
+            bad = [int(v) for v in values if v < 0 or v >= self.num_classes]
+            if bad:
+                raise InputError(f"{key} has values {bad} outside the label set 0..{self.num_classes - 1}")
+            d[key] = lab.round()
+        return d
+
+
+def intensity_transform(cfg: SegDiffConfig, keys: Sequence[str] = ("image",)) -> MapTransform:
+    """Map intensities to [-1, 1]: robust percentiles per channel, or a fixed CT window."""
+    if cfg.intensity == "ct":
+        lo, hi = cfg.ct_window
+        return ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=-1.0, b_max=1.0, clip=True)
+    lo, hi = cfg.percentiles
+    return ScaleIntensityRangePercentilesd(
+        keys, lower=lo, upper=hi, b_min=-1.0, b_max=1.0, clip=True, channel_wise=True
+    )
+
+
+def load_transforms(keys: Sequence[str]) -> list:
+    return [
+        LoadImaged(keys, image_only=True, allow_missing_keys=True),
+        EnsureChannelFirstd(keys, allow_missing_keys=True),
+        EnsureTyped(keys, dtype=torch.float32, allow_missing_keys=True, track_meta=True),
+    ]
+
+
+def spatial_transforms(cfg: SegDiffConfig, image_key: str = "image", label_keys: Sequence[str] = ()) -> list:
+    """RAS orientation and resampling to ``cfg.spacing`` (<= 0 keeps the image's own spacing)."""
+    keys = [image_key, *label_keys]
+    modes = ["bilinear"] + ["nearest"] * len(label_keys)
+    if cfg.spatial_dims == 2 and cfg.extra.get("image_2d", False):
+        return []
+    return [
+        Orientationd(keys, axcodes="RAS", allow_missing_keys=True),
+        Spacingd(keys, pixdim=cfg.spacing, mode=modes, allow_missing_keys=True),
+    ]
+
+
+def preprocess_transforms(cfg: SegDiffConfig, label_keys: Sequence[str] = (), load: bool = True) -> Compose:
+    """Image (and labels) file -> RAS, resampled, normalised MetaTensors ``[C, *spatial]``."""
+    keys = ["image", *label_keys]
+    steps = load_transforms(keys) if load else []
+    steps += [CheckFinited(["image"])]
+    steps += spatial_transforms(cfg, "image", label_keys)
+    steps += [CheckLabelsd(label_keys, cfg.num_classes)] if label_keys else []
+    steps += [intensity_transform(cfg)]
+    return Compose(steps)
+
+
+# -- masks <-> one-hot in [-1, 1] -----------------------------------------------------------------
+def to_onehot_scaled(label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class indices ``[B, 1, ...]`` -> one-hot ``[B, K, ...]`` scaled to {-1, 1}."""
+    onehot = F.one_hot(label[:, 0].long(), num_classes).movedim(-1, 1)
+    return onehot.float() * 2 - 1
+
+
+def from_onehot_scaled(x: torch.Tensor) -> torch.Tensor:
+    """``[B, K, ...]`` in [-1, 1] -> class indices ``[B, 1, ...]`` (argmax)."""
+    return x.argmax(1, keepdim=True)
+
+
+# -- training samples from preprocessed volumes ---------------------------------------------------
+def _pad_to(x: torch.Tensor, size: Sequence[int], value: float) -> torch.Tensor:
+    pads = []
+    for s, r in zip(reversed(x.shape[-len(size) :]), reversed(size)):
+        total = max(0, r - s)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=value) if any(pads) else x
+
+
+class PatchSampler:
+    """Random training samples from preprocessed volumes held in memory.
+
+    2D: a slice (with ``context`` neighbours as channels) cropped to ``roi_size`` in-plane; 3D: a
+    patch of ``roi_size``. A share ``foreground_fraction`` of samples is centred on a random
+    foreground voxel (as MONAI's ``RandCropByPosNegLabeld``); the rest anywhere.
+
+    Args:
+        volumes: ``[(image [C, X, Y, Z], labels [R, X, Y, Z])]``; R label maps per case (final and
+            raters), one drawn at random per sample.
+        cfg: sizes, context and foreground share.
+        seed: seed of the sampler's own generator.
+    """
+
+    def __init__(self, volumes: Sequence[tuple[torch.Tensor, torch.Tensor]], cfg: SegDiffConfig, seed: int = 0):
+        if not volumes:
+            raise InputError("no labelled volume to train on")
+        self.volumes, self.cfg = volumes, cfg
+        self.rng = np.random.default_rng(seed)
+        self.fg = [torch.nonzero(lab.amax(0) > 0).numpy() for _, lab in volumes]
+
+    def _centre(self, i: int) -> np.ndarray:
+        shape = np.array(self.volumes[i][0].shape[1:])
+        if len(self.fg[i]) and self.rng.random() < self.cfg.foreground_fraction:
+            return self.fg[i][self.rng.integers(len(self.fg[i]))]
+        return (self.rng.random(3) * shape).astype(int)
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image [B, C', *roi], label [B, 1, *roi])``."""
+        images, labels = [], []
+        for _ in range(batch_size):
+            i = int(self.rng.integers(len(self.volumes)))
+            img, lab = self.volumes[i]
+            lab = lab[int(self.rng.integers(lab.shape[0]))][None]
+            centre = self._centre(i)
+            if self.cfg.spatial_dims == 2:
+                img, lab = self._slice(img, lab, int(centre[2]))
+                centre = centre[:2]
+            img, lab = self._crop(img, lab, centre)
+            images.append(img)
+            labels.append(lab)
+        return torch.stack(images), torch.stack(labels)
+
+    def _slice(self, img: torch.Tensor, lab: torch.Tensor, z: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d = img.shape[-1]
+        idx = [min(max(z + o, 0), d - 1) for o in range(-self.cfg.context, self.cfg.context + 1)]
+        return img[..., idx].movedim(-1, 1).reshape(-1, *img.shape[1:3]), lab[..., z]
+
+    def _crop(self, img: torch.Tensor, lab: torch.Tensor, centre: np.ndarray):
+        roi = self.cfg.roi_size
+        img, lab = _pad_to(img, roi, -1.0), _pad_to(lab, roi, 0.0)
+        slices = []
+        for c, r, s in zip(centre, roi, img.shape[1:]):
+            start = int(min(max(c - r // 2 + self.rng.integers(-r // 4, r // 4 + 1), 0), s - r))
+            slices.append(slice(start, start + r))
+        return img[(slice(None), *slices)], lab[(slice(None), *slices)]
