@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "network": "concat", "epochs": None, "max_minutes": None, "batch_size": 16, "lr": 5e-4, "val_split": 0.2,
+    "network": "medsegdiff", "epochs": None, "max_minutes": None, "batch_size": 16, "lr": 1e-3, "val_split": 0.2,
     "spatial_dims": 2, "context": 1, "channels": None, "spacing": None, "roi_size": None,
     "prediction_type": "sample", "steps": 4, "samples": 5, "intensity": "percentile", "seed": 0,
     "init": None, "resume": None, "iterations_per_epoch": None, "device": "cpu", "use_raters": None,
@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import data
     from .config import SegDiffConfig, load_checkpoint
     from .labelset import label_names
-    from .training import auto_spacing, train
+    from .training import auto_roi, auto_spacing, train
 
     o = _train_options(args)
     if o["epochs"] is None and o["max_minutes"] is None:
@@ -121,9 +121,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         init_state, cfg, _ = load_checkpoint(o["init"])
     else:
         unet = o["network"] == "unet"
-        channels = o["channels"] or ([16, 32, 64, 128] if unet else [32, 64, 64])
+        channels = o["channels"] or ([16, 32, 64, 128] if unet else [16, 32, 64, 64])
         groups = 16 if all(c % 16 == 0 for c in channels) else 8
-        roi = o["roi_size"] or ([96, 96] if o["spatial_dims"] == 2 else [64, 64, 32])
+        roi = o["roi_size"] or auto_roi(items, o["spatial_dims"], 2 ** (len(channels) - 1))
         cfg = SegDiffConfig(
             labels=label_names(args.studies, items), network=o["network"], spatial_dims=o["spatial_dims"],
             context=o["context"] if o["spatial_dims"] == 2 else 0, channels=channels,

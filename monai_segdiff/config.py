@@ -59,13 +59,13 @@ class SegDiffConfig:
     """
 
     labels: list[str] = field(default_factory=lambda: ["foreground"])
-    network: str = "concat"
+    network: str = "medsegdiff"
     spatial_dims: int = 2
     image_channels: int = 1
     context: int = 1
-    channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])
     num_res_blocks: int = 1
-    attention_levels: list[bool] = field(default_factory=lambda: [False, False, False])
+    attention_levels: list[bool] = field(default_factory=lambda: [False, False, False, False])
     num_head_channels: int = 32
     norm_num_groups: int = 16
     dropout: float = 0.1

@@ -21,7 +21,7 @@ from .config import SegDiffConfig, load_checkpoint
 from .diffusion.inferer import EnsembleOutput, SegDiffInferer
 from .diffusion.sampler import build_sampler
 from .networks import build_network
-from .transforms import InputError, preprocess_transforms
+from .transforms import InputError, apply, preprocess_transforms
 
 
 @dataclass
@@ -135,7 +135,7 @@ class Segmenter:
         if img.ndim - 1 == 2 and self.cfg.spatial_dims == 2:
             pre = self._preprocess_2d(img)
         else:
-            pre = self.preprocess({"image": img})["image"]
+            pre = apply(self.preprocess, {"image": img})["image"]
         t1 = time.perf_counter()
         out = self.ensemble(pre)
         t2 = time.perf_counter()
@@ -162,7 +162,7 @@ class Segmenter:
     def _preprocess_2d(self, img: MetaTensor) -> MetaTensor:
         from .transforms import CheckFinited, intensity_transform
 
-        d = CheckFinited(["image"])({"image": img.float()})
+        d = apply(CheckFinited(["image"]), {"image": img.float()})
         return intensity_transform(self.cfg)(d)["image"]
 
     def _to_input_grid(self, probs, umap, label_pre, pre: MetaTensor, img: MetaTensor):

@@ -21,7 +21,7 @@ from .diffusion.inferer import SegDiffInferer
 from .diffusion.objective import DiffusionObjective, supervised_loss
 from .diffusion.sampler import build_sampler
 from .networks import build_network
-from .transforms import InputError, PatchSampler, preprocess_transforms, to_onehot_scaled
+from .transforms import InputError, PatchSampler, apply, preprocess_transforms, to_onehot_scaled
 
 
 @dataclass
@@ -71,6 +71,21 @@ def auto_spacing(items: Sequence[dict], spatial_dims: int = 2, max_size: int = 2
     return out
 
 
+def auto_roi(items: Sequence[dict], spatial_dims: int = 2, divisor: int = 8, largest: int = 96) -> list[int]:
+    """Training patch size: the median image size (voxels), capped at ``largest`` and rounded up to
+    a multiple of ``divisor``, so small images are not padded to a large patch."""
+    sizes = []
+    for it in items:
+        try:
+            sizes.append(image_spacing(it["image"])[1][:3])
+        except Exception:  # unreadable header: the default below
+            continue
+    if not sizes:
+        return [largest] * spatial_dims
+    med = [statistics.median(s[i] for s in sizes) for i in range(spatial_dims)]
+    return [int(math.ceil(min(m, largest) / divisor) * divisor) for m in med]
+
+
 def load_cases(
     items: Sequence[dict], cfg: SegDiffConfig, use_raters: bool = False, progress: bool = False
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -87,7 +102,7 @@ def load_cases(
         if use_raters:
             data.update({f"rater{i}": p for i, p in enumerate(item.get("raters", []))})
         try:
-            d = preprocess_transforms(cfg, label_keys=keys)(data)
+            d = apply(preprocess_transforms(cfg, label_keys=keys), data)
         except InputError:
             raise
         except Exception as e:
@@ -129,7 +144,7 @@ def train(
     epochs: int | None = None,
     max_minutes: float | None = None,
     batch_size: int = 16,
-    lr: float = 5e-4,
+    lr: float = 1e-3,
     iterations_per_epoch: int | None = None,
     init_state: dict | None = None,
     seed: int = 0,

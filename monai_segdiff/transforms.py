@@ -187,3 +187,16 @@ class PatchSampler:
             start = int(min(max(c - r // 2 + self.rng.integers(-r // 4, r // 4 + 1), 0), s - r))
             slices.append(slice(start, start + r))
         return img[(slice(None), *slices)], lab[(slice(None), *slices)]
+
+
+def apply(transform, data: dict) -> dict:
+    """Run a MONAI transform chain, surfacing our ``InputError`` instead of MONAI's wrapper."""
+    try:
+        return transform(data)
+    except RuntimeError as e:
+        cause = e
+        while cause is not None and not isinstance(cause, InputError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise

@@ -52,20 +52,20 @@ class DiffusionObjective:
         if self.weight_fn is not None:
             err = err * self.weight_fn(x0, t)
         mse = err.mean()
-        logs = {"mse": float(mse)}
+        logs = {"mse": float(mse.detach())}
         loss = mse
         if self.cfg.aux_dice_weight > 0:
             x0_hat = predicted_x0(pred, x_t, t, self.scheduler.alphas_cumprod, self.cfg.prediction_type)
             dice = self.dice(x0_to_probs(x0_hat), (x0 > 0).float())
             loss = loss + self.cfg.aux_dice_weight * dice
-            logs["dice_loss"] = float(dice)
+            logs["dice_loss"] = float(dice.detach())
         extra = getattr(net, "extra_loss", None)
         if callable(extra):  # e.g. CIMD's KL term or an anchor head's supervision, from training_condition
             aux = extra()
             if aux is not None:
                 loss = loss + aux
-                logs["extra"] = float(aux)
-        logs["loss"] = float(loss)
+                logs["extra"] = float(aux.detach())
+        logs["loss"] = float(loss.detach())
         return loss, logs
 
 

@@ -7,6 +7,8 @@ only this interface. The baseline UNet maps ``image -> logits``.
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from ..config import SegDiffConfig
@@ -26,7 +28,7 @@ def build_network(cfg: SegDiffConfig) -> nn.Module:
             num_res_blocks=cfg.num_res_blocks,
             attention_levels=cfg.attention_levels,
             norm_num_groups=cfg.norm_num_groups,
-            num_head_channels=cfg.num_head_channels,
+            num_head_channels=math.gcd(cfg.num_head_channels, cfg.channels[-1]),
         )
     from . import registry  # seed-paper variants register themselves there
 

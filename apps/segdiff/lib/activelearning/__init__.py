@@ -1,0 +1,3 @@
+from .uncertainty import UncertaintyStrategy
+
+__all__ = ["UncertaintyStrategy"]

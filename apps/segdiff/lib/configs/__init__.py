@@ -1,0 +1,3 @@
+from .segdiff import SegDiffTaskConfig
+
+__all__ = ["SegDiffTaskConfig"]

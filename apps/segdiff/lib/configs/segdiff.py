@@ -1,0 +1,159 @@
+"""Builds the app's tasks from ``--conf`` options (every option has a default, so a bare
+``monailabel start_server --app apps/segdiff --studies DIR`` works).
+
+==========================  =================================  ===========================================
+option                      default                            meaning
+==========================  =================================  ===========================================
+model_path                  <app>/model/segdiff.pt             checkpoint served and published by training
+samples                     0 (the model's)                    ensemble size of interactive infer
+steps                       0 (the model's)                    sampling steps of interactive infer
+device                      cuda if available, else cpu        torch device
+uncertainty                 "" (the model's)                   entropy | mutual_information | variance | disagreement
+uncertainty_threshold       0.5                                voxels above it form the "uncertain" segment
+seed                        0                                  sampling seed
+cache_size                  4                                  predictions kept for reuse
+preload                     false                              load the model when the server starts
+scoring_samples             3                                  ensemble size for active-learning scores
+scoring_steps               2                                  sampling steps for active-learning scores
+network                     concat                             network when training from scratch
+max_epochs                  10                                 default epochs of the trainer
+max_minutes                 30                                 default time budget of a training run (0: none)
+reserve_minutes             60                                 how long a picked image stays with its annotator
+==========================  =================================  ===========================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+
+from monai_segdiff.config import NETWORKS
+
+from ..activelearning.uncertainty import UncertaintyStrategy
+from ..infers.segdiff import SegDiffInfer, SegDiffUncertaintyInfer, truthy
+from ..model import SegDiffModel
+from ..scoring.uncertainty import UncertaintyScoring
+from ..trainers.segdiff import SegDiffTrain
+
+logger = logging.getLogger(__name__)
+
+DEFAULTS: dict[str, str] = {
+    "model_path": "",
+    "samples": "0",
+    "steps": "0",
+    "device": "",
+    "uncertainty": "",
+    "uncertainty_threshold": "0.5",
+    "seed": "0",
+    "cache_size": "4",
+    "preload": "false",
+    "scoring_samples": "3",
+    "scoring_steps": "2",
+    "network": "concat",
+    "max_epochs": "10",
+    "max_minutes": "30",
+    "reserve_minutes": "60",
+}
+
+
+class ConfError(ValueError):
+    """A ``--conf`` value that cannot be used."""
+
+
+def declared_labels(studies: str | None) -> list[str]:
+    """Foreground names from ``<studies>/labels.json`` (advertised before any model exists)."""
+    path = os.path.join(studies, "labels.json") if studies and os.path.isdir(studies) else None
+    if not path or not os.path.isfile(path):
+        return []
+    try:
+        mapping = {str(k): int(v) for k, v in json.load(open(path)).items()}
+    except (OSError, ValueError, AttributeError) as e:
+        logger.warning(f"ignoring {path}: {e}")
+        return []
+    return [k for k, v in sorted(mapping.items(), key=lambda kv: kv[1]) if v > 0]
+
+
+class SegDiffTaskConfig(TaskConfig):
+    """Infer (``segdiff``, ``segdiff_uncertainty``), train (``segdiff_train``), scoring and strategy
+    (``segdiff_uncertainty``) over one shared model file."""
+
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        unknown = sorted(set(conf) - set(DEFAULTS) - {"server_mode", "models", "auth_token"})
+        if unknown:
+            logger.warning(f"unknown --conf option(s) ignored: {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+        self.studies = kwargs.get("studies")
+        self.path = os.path.abspath(self.option("model_path") or os.path.join(model_dir, f"{name}.pt"))
+        self.device = self.option("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.preload = truthy(self.option("preload"))
+        self.model = SegDiffModel(
+            self.path,
+            samples=self.number("samples", int) or None,
+            steps=self.number("steps", int) or None,
+            device=self.device,
+            threshold=self.number("uncertainty_threshold", float),
+            uncertainty=self.option("uncertainty") or None,
+            seed=self.number("seed", int),
+            cache_size=self.number("cache_size", int),
+            fallback_labels=declared_labels(self.studies),
+        )
+        if not 0.0 < self.model.threshold < 1.0:
+            raise ConfError(f"--conf uncertainty_threshold must be in (0, 1), got {self.model.threshold}")
+        if self.option("network") not in NETWORKS:
+            raise ConfError(f"--conf network must be one of {', '.join(NETWORKS)}, got {self.option('network')!r}")
+        self.labels = self.model.label_names()
+        logger.info(
+            f"segdiff: model {self.path} ({'found' if self.model.exists() else 'not found yet'}), "
+            f"device {self.device}, labels {self.labels}"
+        )
+
+    def option(self, key: str) -> str:
+        value = self.conf.get(key, DEFAULTS[key])
+        return str(value).strip() if value is not None else ""
+
+    def number(self, key: str, kind=float):
+        value = self.option(key) or DEFAULTS[key]
+        try:
+            out = kind(float(value))
+        except ValueError:
+            raise ConfError(f"--conf {key} must be a number, got {value!r}") from None
+        if out < 0:
+            raise ConfError(f"--conf {key} must be >= 0, got {value!r}")
+        return out
+
+    def infer(self) -> dict[str, InferTask]:
+        return {
+            self.name: SegDiffInfer(self.model),
+            f"{self.name}_uncertainty": SegDiffUncertaintyInfer(self.model),
+        }
+
+    def trainer(self) -> TrainTask:
+        return SegDiffTrain(
+            self.path,
+            self.studies,
+            network=self.option("network"),
+            device=self.device,
+            max_epochs=self.number("max_epochs", int),
+            max_minutes=self.number("max_minutes", float),
+        )
+
+    def strategy(self) -> dict[str, Strategy]:
+        return {f"{self.name}_uncertainty": UncertaintyStrategy(reserve_seconds=60 * self.number("reserve_minutes"))}
+
+    def scoring_method(self) -> dict[str, ScoringMethod]:
+        return {
+            f"{self.name}_uncertainty": UncertaintyScoring(
+                self.model,
+                samples=max(1, self.number("scoring_samples", int)),
+                steps=max(1, self.number("scoring_steps", int)),
+            )
+        }

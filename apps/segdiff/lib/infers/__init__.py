@@ -1,0 +1,3 @@
+from .segdiff import SegDiffInfer, SegDiffUncertaintyInfer
+
+__all__ = ["SegDiffInfer", "SegDiffUncertaintyInfer"]

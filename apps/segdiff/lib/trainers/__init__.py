@@ -1,0 +1,3 @@
+from .segdiff import SegDiffTrain
+
+__all__ = ["SegDiffTrain"]

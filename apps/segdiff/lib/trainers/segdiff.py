@@ -1,0 +1,281 @@
+"""Train task ``segdiff_train``: the library's diffusion training on the datastore's final labels.
+
+MONAI Label runs it in a background subprocess (``/train`` answers 429 while one runs). The best
+checkpoint by validation Dice of few-step samples is written atomically to the served model file
+whenever it improves, so the infer tasks pick it up (they reload on mtime change) and the scoring
+method recomputes stale scores afterwards. Progress and results go to ``train_stats.json`` next to the
+model file, which ``stats()`` returns for ``/info`` (the keys 3D Slicer reads: ``epoch``,
+``total_epochs``, ``best_metric``, ``total_time`` once finished).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.utils.others.generic import name_to_device
+
+from monai_segdiff import data as sd_data
+from monai_segdiff.config import NETWORKS, CheckpointError, SegDiffConfig, load_checkpoint
+from monai_segdiff.labelset import label_names as studies_label_names
+from monai_segdiff.segmenter import load_image
+from monai_segdiff.training import auto_spacing, train
+from monai_segdiff.transforms import InputError
+
+from ..infers.segdiff import devices, truthy
+from ..model import plain
+
+logger = logging.getLogger(__name__)
+
+TRACKING = ("none", "tensorboard")
+
+
+def available_networks(first: str) -> list[str]:
+    """Networks the library can build here, ``first`` first (Slicer sends the first entry)."""
+    import importlib.util
+
+    found = [n for n in NETWORKS if n in ("concat", "unet") or importlib.util.find_spec(f"monai_segdiff.networks.{n}")]
+    return [first] + [n for n in found if n != first]
+
+
+def scratch_config(items: list[dict], labels: list[str], network: str) -> SegDiffConfig:
+    """A new model's config, as ``segdiff train`` builds it (2.5D slices, automatic spacing)."""
+    unet = network == "unet"
+    channels = [16, 32, 64, 128] if unet else [32, 64, 64]
+    return SegDiffConfig(
+        labels=labels,
+        network=network,
+        spatial_dims=2,
+        context=1,
+        channels=channels,
+        attention_levels=[False] * len(channels),
+        norm_num_groups=16 if all(c % 16 == 0 for c in channels) else 8,
+        spacing=auto_spacing(items, 2),
+        roi_size=[96, 96],
+        image_channels=int(load_image(items[0]["image"]).shape[0]),
+    )
+
+
+def _number(value: Any, kind=float, default=None):
+    try:
+        return kind(float(value))
+    except (TypeError, ValueError):
+        return default
+
+
+def _hms(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".train_stats.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(plain(payload), f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class SegDiffTrain(TrainTask):
+    """Fine-tune (``pretrained``) or train from scratch on the datastore's final labels.
+
+    Args:
+        model_path: the served checkpoint; the best model of the run is published here.
+        studies: the studies folder (for ``labels.json``); may be a URL for remote datastores.
+        network: network for training from scratch.
+        device: default device.
+        max_epochs: default epochs shown to clients.
+        max_minutes: default time budget (0: none).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        studies: str,
+        network: str = "concat",
+        device: str = "cpu",
+        max_epochs: int = 10,
+        max_minutes: float = 30.0,
+        description: str = "Train / fine-tune the diffusion segmentation model on the final labels",
+    ):
+        super().__init__(description)
+        self.model_path = os.path.abspath(model_path)
+        self.studies = studies
+        self.network = network
+        self.device = device
+        self.max_epochs = int(max_epochs)
+        self.max_minutes = float(max_minutes)
+        self.stats_path = os.path.join(os.path.dirname(self.model_path), "train_stats.json")
+
+    def config(self) -> dict[str, Any]:
+        # Slicer shows lists as combo boxes and sends their first entry: tracking stays off unless chosen.
+        return {
+            "max_epochs": self.max_epochs,
+            "max_minutes": self.max_minutes,  # 0: no time limit
+            "val_split": 0.2,
+            "train_batch_size": 16,
+            "learning_rate": 5e-4,
+            "iterations_per_epoch": 0,  # 0: automatic (one pass over the slices, 20..200)
+            "pretrained": True,  # fine-tune the current model when its labels match
+            "network": available_networks(self.network),  # used when training from scratch
+            "device": devices(self.device),
+            "tracking": list(TRACKING),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            with open(self.stats_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    # -- the run --------------------------------------------------------------------------------
+    def request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Defaults (first entry of every list) updated by the request."""
+        req = {k: (v[0] if isinstance(v, list) and v else v) for k, v in self.config().items()}
+        req.update({k: v for k, v in request.items() if v is not None})
+        return req
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore):
+        req = self.request(request)
+        logger.info(f"Train request: {req}")
+        start = time.time()
+        epochs = _number(req.get("max_epochs"), int, self.max_epochs) or None
+        minutes = _number(req.get("max_minutes"), float, self.max_minutes) or None
+        if epochs is None and minutes is None:
+            epochs = self.max_epochs or 10
+        val_split = min(max(_number(req.get("val_split"), float, 0.2), 0.0), 0.9)
+        batch_size = max(1, _number(req.get("train_batch_size"), int, 16))
+        lr = _number(req.get("learning_rate"), float, 5e-4) or 5e-4
+        iterations = _number(req.get("iterations_per_epoch"), int, 0) or None
+        device = name_to_device(req.get("device") or self.device)
+
+        items = [dict(d, id=sd_data.image_id(d["image"])) for d in datastore.datalist()]
+        if not items:
+            raise MONAILabelException(
+                MONAILabelError.INVALID_INPUT, "no labelled image to train on: submit a final label first"
+            )
+        cfg, init_state, init = self.initial_model(items, truthy(req.get("pretrained")), str(req.get("network")))
+        train_items, val_items = sd_data.split(items, val_split if len(items) > 1 else 0.0, seed=0)
+        base = {
+            "status": "RUNNING",
+            "start_ts": int(start),
+            "epoch": 0,
+            "total_epochs": epochs or 1,
+            "best_metric": 0.0,
+            "best_metric_epoch": -1,
+            "key_metric_name": "val_dice",
+            "init": init,
+            "network": cfg.network,
+            "labels": cfg.labels,
+            "train_cases": len(train_items),
+            "val_cases": len(val_items),
+            "model": self.model_path,
+            "request": {k: req.get(k) for k in self.config()},
+        }
+        self._write({**base, "current_time": _hms(0)})
+        writer = self.tracker(str(req.get("tracking", "none")))
+
+        def on_epoch(s: dict) -> None:
+            elapsed = time.time() - start
+            total = epochs or max(s["epoch"], int(minutes * 60 / max(elapsed / s["epoch"], 1e-6)))
+            best = s["best_dice"] if s["best_dice"] is not None and math.isfinite(s["best_dice"]) else 0.0
+            base.update(
+                epoch=s["epoch"], total_epochs=max(total, s["epoch"]), best_metric=max(best, 0.0),
+                loss=s["loss"], val_dice=s["val_dice"], steps=s["step"],
+            )
+            if s["val_dice"] == s["best_dice"] or not val_items:
+                base["best_metric_epoch"] = s["epoch"]
+            self._write({**base, "current_time": _hms(elapsed)})
+            logger.info(f"epoch {s['epoch']}: loss {s['loss']:.4f} val_dice {s['val_dice']:.4f} best {best:.4f}")
+            if writer is not None:
+                writer.add_scalar("train/loss", s["loss"], s["epoch"])
+                if math.isfinite(s["val_dice"]):
+                    writer.add_scalar("val/dice", s["val_dice"], s["epoch"])
+
+        try:
+            result = train(
+                cfg, train_items, val_items, output=self.model_path, epochs=epochs, max_minutes=minutes,
+                batch_size=batch_size, lr=lr, iterations_per_epoch=iterations, init_state=init_state, seed=0,
+                device=device, callback=on_epoch,
+            )
+        except (InputError, ValueError) as e:
+            self._write({**base, "status": "ERROR", "error": str(e), "total_time": _hms(time.time() - start)})
+            raise MONAILabelException(MONAILabelError.APP_TRAIN_FAILED, str(e)) from e
+        finally:
+            if writer is not None:
+                writer.close()
+        published = os.path.isfile(self.model_path) and os.stat(self.model_path).st_mtime >= start
+        final = {
+            **base,
+            "status": "DONE",
+            "epoch": result.epochs,
+            "total_epochs": result.epochs,
+            "total_time": _hms(time.time() - start),
+            "seconds": round(time.time() - start, 2),
+            "best_metric": result.best_dice if math.isfinite(result.best_dice) else base["best_metric"],
+            "best_metric_epoch": result.best_epoch,
+            "steps": result.steps,
+            "losses": result.losses,
+            "val_dices": result.val_dice,
+            "published": published,
+            "model_ts": os.stat(self.model_path).st_mtime if published else None,
+        }
+        self._write(final)
+        logger.info(f"Training done: {json.dumps(plain(final))}")
+        return plain(final)
+
+    def initial_model(self, items: list[dict], pretrained: bool, network: str) -> tuple[SegDiffConfig, dict | None, str]:
+        """``(config, initial weights or None, "pretrained" | "scratch")``."""
+        studies = Path(self.studies) if self.studies and os.path.isdir(self.studies) else None
+        declared = None
+        if studies is not None and (studies / "labels.json").is_file():
+            declared = studies_label_names(studies)
+        if pretrained and os.path.isfile(self.model_path):
+            try:
+                state, cfg, _ = load_checkpoint(self.model_path)
+            except CheckpointError as e:
+                logger.warning(f"cannot fine-tune ({e}); training from scratch")
+            else:
+                if declared is None or declared == cfg.labels:
+                    logger.info(f"Fine-tuning {self.model_path} ({cfg.network}, labels {cfg.labels})")
+                    return cfg, state, "pretrained"
+                logger.warning(f"labels.json {declared} differs from the model's labels {cfg.labels}: new model")
+        if network not in NETWORKS:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"unknown network {network!r}; use one of {NETWORKS}")
+        labels = declared or studies_label_names(studies or os.devnull, items)  # no labels.json: label1..K
+        logger.info(f"Training a new {network} model for labels {labels}")
+        return scratch_config(items, labels, network), None, "scratch"
+
+    def tracker(self, tracking: str):
+        """A TensorBoard writer under ``<model dir>/runs/`` when asked for; None otherwise."""
+        if tracking.lower() not in ("tensorboard",):
+            if tracking.lower() not in ("none", "", "false"):
+                logger.warning(f"tracking {tracking!r} is not supported here; use 'none' or 'tensorboard'")
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            logger.warning("tensorboard is not installed; tracking disabled")
+            return None
+        run = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+        return SummaryWriter(os.path.join(os.path.dirname(self.model_path), "runs", run))
+
+    def _write(self, stats: dict) -> None:
+        try:
+            write_json_atomic(self.stats_path, stats)
+        except OSError as e:
+            logger.warning(f"cannot write train stats {self.stats_path}: {e}")
