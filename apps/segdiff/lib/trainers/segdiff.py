@@ -1,9 +1,10 @@
 """Train task ``segdiff_train``: the library's diffusion training on the datastore's final labels.
 
-MONAI Label runs it in a background subprocess (``/train`` answers 429 while one runs). The best
-checkpoint by validation Dice of few-step samples is written atomically to the served model file
-whenever it improves, so the infer tasks pick it up (they reload on mtime change) and the scoring
-method recomputes stale scores afterwards. Progress and results go to ``train_stats.json`` next to the
+MONAI Label runs it in a background subprocess (``/train`` answers 429 while one runs). The run's best
+checkpoint by validation Dice of few-step samples is copied atomically over the served model file
+whenever it improves -- when fine-tuning, only once it beats the current model's Dice on the same
+validation cases, so a short or unlucky run never replaces a better model. The infer tasks pick the
+new file up (they reload on mtime change) and the scoring method recomputes stale scores afterwards. Progress and results go to ``train_stats.json`` next to the
 model file, which ``stats()`` returns for ``/info`` (the keys 3D Slicer reads: ``epoch``,
 ``total_epochs``, ``best_metric``, ``total_time`` once finished).
 """
@@ -15,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +31,8 @@ from monai_segdiff import data as sd_data
 from monai_segdiff.config import NETWORKS, CheckpointError, SegDiffConfig, load_checkpoint
 from monai_segdiff.labelset import label_names as studies_label_names
 from monai_segdiff.segmenter import load_image
-from monai_segdiff.training import auto_spacing, train
+from monai_segdiff.networks import build_network
+from monai_segdiff.training import auto_spacing, load_cases, train, validation_dice
 from monai_segdiff.transforms import InputError
 
 from ..infers.segdiff import devices, truthy
@@ -75,6 +78,19 @@ def _number(value: Any, kind=float, default=None):
 
 def _hms(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def publish(src: str, dst: str) -> None:
+    """Copy ``src`` over ``dst`` atomically (readers see the old or the new file, never a partial one)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst) or ".", prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
@@ -170,6 +186,8 @@ class SegDiffTrain(TrainTask):
             )
         cfg, init_state, init = self.initial_model(items, truthy(req.get("pretrained")), str(req.get("network")))
         train_items, val_items = sd_data.split(items, val_split if len(items) > 1 else 0.0, seed=0)
+        baseline = self.baseline(cfg, init_state, val_items, device) if init_state is not None else None
+        candidate = os.path.join(os.path.dirname(self.model_path), f".{os.path.basename(self.model_path)}.candidate")
         base = {
             "status": "RUNNING",
             "start_ts": int(start),
@@ -178,6 +196,8 @@ class SegDiffTrain(TrainTask):
             "best_metric": 0.0,
             "best_metric_epoch": -1,
             "key_metric_name": "val_dice",
+            "baseline_metric": baseline,
+            "published": False,
             "init": init,
             "network": cfg.network,
             "labels": cfg.labels,
@@ -188,6 +208,7 @@ class SegDiffTrain(TrainTask):
         }
         self._write({**base, "current_time": _hms(0)})
         writer = self.tracker(str(req.get("tracking", "none")))
+        last_saved = [None]
 
         def on_epoch(s: dict) -> None:
             elapsed = time.time() - start
@@ -197,8 +218,14 @@ class SegDiffTrain(TrainTask):
                 epoch=s["epoch"], total_epochs=max(total, s["epoch"]), best_metric=max(best, 0.0),
                 loss=s["loss"], val_dice=s["val_dice"], steps=s["step"],
             )
-            if s["val_dice"] == s["best_dice"] or not val_items:
+            saved = os.stat(candidate).st_mtime_ns if os.path.isfile(candidate) else None
+            if saved is not None and saved != last_saved[0]:  # the library saved a new best checkpoint
+                last_saved[0] = saved
                 base["best_metric_epoch"] = s["epoch"]
+                if baseline is None or s["best_dice"] > baseline:
+                    publish(candidate, self.model_path)
+                    base["published"] = True
+                    logger.info(f"epoch {s['epoch']}: published {self.model_path} (val_dice {best:.4f})")
             self._write({**base, "current_time": _hms(elapsed)})
             logger.info(f"epoch {s['epoch']}: loss {s['loss']:.4f} val_dice {s['val_dice']:.4f} best {best:.4f}")
             if writer is not None:
@@ -208,7 +235,7 @@ class SegDiffTrain(TrainTask):
 
         try:
             result = train(
-                cfg, train_items, val_items, output=self.model_path, epochs=epochs, max_minutes=minutes,
+                cfg, train_items, val_items, output=candidate, epochs=epochs, max_minutes=minutes,
                 batch_size=batch_size, lr=lr, iterations_per_epoch=iterations, init_state=init_state, seed=0,
                 device=device, callback=on_epoch,
             )
@@ -218,7 +245,8 @@ class SegDiffTrain(TrainTask):
         finally:
             if writer is not None:
                 writer.close()
-        published = os.path.isfile(self.model_path) and os.stat(self.model_path).st_mtime >= start
+            if os.path.exists(candidate):
+                os.unlink(candidate)
         final = {
             **base,
             "status": "DONE",
@@ -231,12 +259,30 @@ class SegDiffTrain(TrainTask):
             "steps": result.steps,
             "losses": result.losses,
             "val_dices": result.val_dice,
-            "published": published,
-            "model_ts": os.stat(self.model_path).st_mtime if published else None,
+            "model_ts": os.stat(self.model_path).st_mtime if base["published"] else None,
         }
+        if not base["published"]:
+            final["note"] = (
+                f"not published: best validation Dice {final['best_metric']:.4f} of this run did not beat the "
+                f"current model's {baseline:.4f} on the same validation cases"
+                if baseline is not None
+                else "not published: no epoch produced a usable validation score"
+            )
+            logger.warning(final["note"])
         self._write(final)
         logger.info(f"Training done: {json.dumps(plain(final))}")
         return plain(final)
+
+    def baseline(self, cfg: SegDiffConfig, state: dict, val_items: list[dict], device: str) -> float | None:
+        """Validation Dice of the model being fine-tuned (same cases, same metric as the run's):
+        a run publishes only a model that beats it."""
+        if not val_items:
+            return None
+        net = build_network(cfg).to(device)
+        net.load_state_dict(state)
+        dice = validation_dice(net, cfg, load_cases(val_items, cfg))
+        logger.info(f"current model: validation Dice {dice:.4f} on {len(val_items)} case(s)")
+        return dice if math.isfinite(dice) else None
 
     def initial_model(self, items: list[dict], pretrained: bool, network: str) -> tuple[SegDiffConfig, dict | None, str]:
         """``(config, initial weights or None, "pretrained" | "scratch")``."""
