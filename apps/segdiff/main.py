@@ -86,15 +86,23 @@ class SegDiffApp(MONAILabelApp):
 
     def on_init_complete(self):
         super().on_init_complete()
-        if self.task.preload and self.task.model.exists():
-            threading.Thread(target=self._preload, name="segdiff-preload", daemon=True).start()
+        threading.Thread(target=self._warm_up, name="segdiff-warm-up", daemon=True).start()
 
-    def _preload(self):
-        try:
-            self.task.model.segmenter()
-            logger.info("segdiff: model preloaded")
-        except SegDiffAppError as e:
-            logger.warning(f"segdiff: preload failed: {e.msg}")
+    def _warm_up(self):
+        """ITK loads its IO modules on the first write (~3 s): pay that now, not in the first infer."""
+        import tempfile
+
+        import numpy as np
+        from monailabel.transform.writer import write_itk
+
+        with tempfile.TemporaryDirectory() as tmp:
+            write_itk(np.zeros((2, 2, 2), np.uint8), os.path.join(tmp, "warm.nii.gz"), np.eye(4), None, False)
+        if self.task.preload and self.task.model.exists():
+            try:
+                self.task.model.segmenter()
+                logger.info("segdiff: model preloaded")
+            except SegDiffAppError as e:
+                logger.warning(f"segdiff: preload failed: {e.msg}")
 
     def async_scoring(self, method, params=None):
         """Start the scoring subprocess only when it has work: MONAI Label asks for it at start-up,

@@ -15,7 +15,7 @@ cache_size                  4                                  predictions kept 
 preload                     false                              load the model when the server starts
 scoring_samples             3                                  ensemble size for active-learning scores
 scoring_steps               2                                  sampling steps for active-learning scores
-network                     concat                             network when training from scratch
+network                     the library's (SegDiffConfig)      network when training from scratch
 max_epochs                  10                                 default epochs of the trainer
 max_minutes                 30                                 default time budget of a training run (0: none)
 reserve_minutes             60                                 how long a picked image stays with its annotator
@@ -36,7 +36,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
-from monai_segdiff.config import NETWORKS
+from monai_segdiff.config import NETWORKS, SegDiffConfig
 
 from ..activelearning.uncertainty import UncertaintyStrategy
 from ..infers.segdiff import SegDiffInfer, SegDiffUncertaintyInfer, truthy
@@ -58,7 +58,7 @@ DEFAULTS: dict[str, str] = {
     "preload": "false",
     "scoring_samples": "3",
     "scoring_steps": "2",
-    "network": "concat",
+    "network": "",
     "max_epochs": "10",
     "max_minutes": "30",
     "reserve_minutes": "60",
@@ -108,8 +108,9 @@ class SegDiffTaskConfig(TaskConfig):
         )
         if not 0.0 < self.model.threshold < 1.0:
             raise ConfError(f"--conf uncertainty_threshold must be in (0, 1), got {self.model.threshold}")
-        if self.option("network") not in NETWORKS:
-            raise ConfError(f"--conf network must be one of {', '.join(NETWORKS)}, got {self.option('network')!r}")
+        self.network = self.option("network") or SegDiffConfig().network
+        if self.network not in NETWORKS:
+            raise ConfError(f"--conf network must be one of {', '.join(NETWORKS)}, got {self.network!r}")
         self.labels = self.model.label_names()
         logger.info(
             f"segdiff: model {self.path} ({'found' if self.model.exists() else 'not found yet'}), "
@@ -140,7 +141,7 @@ class SegDiffTaskConfig(TaskConfig):
         return SegDiffTrain(
             self.path,
             self.studies,
-            network=self.option("network"),
+            network=self.network,
             device=self.device,
             max_epochs=self.number("max_epochs", int),
             max_minutes=self.number("max_minutes", float),

@@ -12,6 +12,7 @@ model file, which ``stats()`` returns for ``/info`` (the keys 3D Slicer reads: `
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from monai_segdiff.config import NETWORKS, CheckpointError, SegDiffConfig, load_
 from monai_segdiff.labelset import label_names as studies_label_names
 from monai_segdiff.segmenter import load_image
 from monai_segdiff.networks import build_network
-from monai_segdiff.training import auto_spacing, load_cases, train, validation_dice
+from monai_segdiff.training import auto_roi, auto_spacing, load_cases, train, validation_dice
 from monai_segdiff.transforms import InputError
 
 from ..infers.segdiff import devices, truthy
@@ -41,6 +42,8 @@ from ..model import plain
 logger = logging.getLogger(__name__)
 
 TRACKING = ("none", "tensorboard")
+LIBRARY_DEFAULTS = SegDiffConfig()  # network, channels ... of a new model follow the library's defaults
+TRAIN_DEFAULTS = {k: p.default for k, p in inspect.signature(train).parameters.items()}
 
 
 def available_networks(first: str) -> list[str]:
@@ -52,9 +55,10 @@ def available_networks(first: str) -> list[str]:
 
 
 def scratch_config(items: list[dict], labels: list[str], network: str) -> SegDiffConfig:
-    """A new model's config, as ``segdiff train`` builds it (2.5D slices, automatic spacing)."""
+    """A new model's config, as ``segdiff train`` builds it (2.5D slices, automatic spacing and patch
+    size, the library's default channels)."""
     unet = network == "unet"
-    channels = [16, 32, 64, 128] if unet else [32, 64, 64]
+    channels = [16, 32, 64, 128] if unet else list(LIBRARY_DEFAULTS.channels)
     return SegDiffConfig(
         labels=labels,
         network=network,
@@ -64,7 +68,7 @@ def scratch_config(items: list[dict], labels: list[str], network: str) -> SegDif
         attention_levels=[False] * len(channels),
         norm_num_groups=16 if all(c % 16 == 0 for c in channels) else 8,
         spacing=auto_spacing(items, 2),
-        roi_size=[96, 96],
+        roi_size=auto_roi(items, 2, 2 ** (len(channels) - 1)),
         image_channels=int(load_image(items[0]["image"]).shape[0]),
     )
 
@@ -121,7 +125,7 @@ class SegDiffTrain(TrainTask):
         self,
         model_path: str,
         studies: str,
-        network: str = "concat",
+        network: str = LIBRARY_DEFAULTS.network,
         device: str = "cpu",
         max_epochs: int = 10,
         max_minutes: float = 30.0,
@@ -142,8 +146,8 @@ class SegDiffTrain(TrainTask):
             "max_epochs": self.max_epochs,
             "max_minutes": self.max_minutes,  # 0: no time limit
             "val_split": 0.2,
-            "train_batch_size": 16,
-            "learning_rate": 5e-4,
+            "train_batch_size": int(TRAIN_DEFAULTS["batch_size"]),
+            "learning_rate": float(TRAIN_DEFAULTS["lr"]),
             "iterations_per_epoch": 0,  # 0: automatic (one pass over the slices, 20..200)
             "pretrained": True,  # fine-tune the current model when its labels match
             "network": available_networks(self.network),  # used when training from scratch
@@ -154,9 +158,15 @@ class SegDiffTrain(TrainTask):
     def stats(self) -> dict[str, Any]:
         try:
             with open(self.stats_path) as f:
-                return json.load(f)
+                stats = json.load(f)
         except (OSError, ValueError):
             return {}
+        if stats.get("status") == "RUNNING":  # a run stopped from the client (DELETE /train/) or killed
+            from monailabel.utils.async_tasks.utils import processes
+
+            if not processes("train"):
+                stats["status"] = "STOPPED"
+        return stats
 
     # -- the run --------------------------------------------------------------------------------
     def request(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -174,8 +184,8 @@ class SegDiffTrain(TrainTask):
         if epochs is None and minutes is None:
             epochs = self.max_epochs or 10
         val_split = min(max(_number(req.get("val_split"), float, 0.2), 0.0), 0.9)
-        batch_size = max(1, _number(req.get("train_batch_size"), int, 16))
-        lr = _number(req.get("learning_rate"), float, 5e-4) or 5e-4
+        batch_size = max(1, _number(req.get("train_batch_size"), int, TRAIN_DEFAULTS["batch_size"]))
+        lr = _number(req.get("learning_rate"), float, TRAIN_DEFAULTS["lr"]) or TRAIN_DEFAULTS["lr"]
         iterations = _number(req.get("iterations_per_epoch"), int, 0) or None
         device = name_to_device(req.get("device") or self.device)
 

@@ -1,0 +1,176 @@
+"""Shared fixtures: a tiny trained checkpoint, a temporary studies folder, a real MONAI Label server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PHANTOMS = REPO / "sample-data" / "phantoms"
+APP = REPO / "apps" / "segdiff"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: starts a real MONAI Label server (slow, ~2-3 minutes)")
+
+
+def tiny_config(**changes):
+    """The smallest useful model: a 3-level concat denoiser on 64x64 slices, 3 members x 2 steps."""
+    from monai_segdiff.config import SegDiffConfig
+
+    kw = dict(
+        labels=["organ", "lesion"], network="concat", channels=[16, 16, 32], norm_num_groups=8,
+        attention_levels=[False] * 3, spacing=[-1, -1, -1], roi_size=[64, 64], sample_steps=2, num_samples=3,
+    )
+    kw.update(changes)
+    return SegDiffConfig(**kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A deliberately under-trained tiny checkpoint (2 iterations, ~5 s on 2 cores): a real model
+    file for the server, which a short fine-tune is expected to beat (so the trainer publishes)."""
+    import torch
+
+    from monai_segdiff import data
+    from monai_segdiff.training import train
+
+    out = tmp_path_factory.mktemp("model") / "segdiff.pt"
+    items = data.labelled(data.datalist(PHANTOMS))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(tiny_config(), items[:6], items[6:8], output=out, epochs=1, iterations_per_epoch=2, batch_size=8)
+    finally:
+        torch.set_num_threads(threads)
+    assert out.is_file()
+    return out
+
+
+def make_studies(dest: Path, unlabeled: int = 8) -> tuple[Path, list[str]]:
+    """Copy the phantoms (images, ``labels/final``, ``labels.json``) to ``dest`` and delete the final
+    labels of the last ``unlabeled`` images. Returns ``(dest, ids of the unlabeled images)``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "labels" / "final").mkdir(parents=True, exist_ok=True)
+    images = sorted(PHANTOMS.glob("*.nii.gz"))
+    for img in images:
+        shutil.copy2(img, dest / img.name)
+        label = PHANTOMS / "labels" / "final" / img.name
+        if label.is_file():
+            shutil.copy2(label, dest / "labels" / "final" / img.name)
+    shutil.copy2(PHANTOMS / "labels.json", dest / "labels.json")
+    removed = []
+    for img in images[-unlabeled:] if unlabeled else []:
+        (dest / "labels" / "final" / img.name).unlink()
+        removed.append(img.name[: -len(".nii.gz")])
+    return dest, removed
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``monailabel start_server`` as a subprocess in its own process group (its train/scoring
+    subprocesses included), stopped by that group's id."""
+
+    def __init__(self, studies: Path, conf: dict[str, str], log: Path, app: Path = APP):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        bindir = Path(sys.executable).parent
+        script = bindir / "monailabel"
+        cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "monailabel.main"]
+        cmd += ["start_server", "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1",
+                "--port", str(self.port)]
+        for k, v in conf.items():
+            cmd += ["--conf", k, str(v)]
+        env = dict(os.environ)
+        env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"  # the script runs `python -m monailabel.main`
+        env.setdefault("OMP_NUM_THREADS", "1")  # 2 shared cores: one per process
+        env["MONAI_LABEL_SESSION_PATH"] = str(log.parent / "sessions")
+        self.cmd = cmd
+        self._log_file = open(log, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True, cwd=str(log.parent))
+        self.started = time.time()
+
+    def wait_ready(self, timeout: float = 180.0) -> float:
+        import requests
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
+                    return time.time() - self.started
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        try:  # background train/scoring subprocesses of the group that outlived the server
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._log_file.close()
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """Factory: ``start_server(studies, conf, log) -> Server`` (ready); every server is stopped at the end."""
+    servers: list[Server] = []
+
+    def start(studies: Path, conf: dict[str, str], log: Path, timeout: float = 180.0) -> Server:
+        server = Server(studies, conf, log)
+        servers.append(server)
+        server.ready_seconds = server.wait_ready(timeout)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "condition"):
+    """Poll ``predicate()`` until it returns a truthy value; return it, or fail after ``timeout``."""
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=1, default=str)[:4000]
