@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--uncertainty", choices=["entropy", "mutual_information", "variance", "disagreement"])
     i.add_argument("--device", default="cpu")
     i.add_argument("--quiet", action="store_true")
+    b = sub.add_parser("bench", help="performance comparisons (JSON with ratios, printed as a table)")
+    b.add_argument("--model", required=True)
+    b.add_argument("--studies", default=str(Path(__file__).resolve().parents[1] / "sample-data" / "phantoms"))
+    b.add_argument("--samples", type=int, default=5)
+    b.add_argument("--quick", action="store_true", help="small sizes, one repeat (< 5 minutes)")
+    b.add_argument("--output", help="JSON file to write")
     return p
 
 
@@ -101,9 +107,9 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import data
-    from .config import SegDiffConfig, load_checkpoint
+    from .config import load_checkpoint
     from .labelset import label_names
-    from .training import auto_roi, auto_spacing, train
+    from .training import new_config, train
 
     o = _train_options(args)
     if o["epochs"] is None and o["max_minutes"] is None:
@@ -120,17 +126,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif o["init"]:
         init_state, cfg, _ = load_checkpoint(o["init"])
     else:
-        unet = o["network"] == "unet"
-        channels = o["channels"] or ([16, 32, 64, 128] if unet else [16, 32, 64, 64])
-        groups = 16 if all(c % 16 == 0 for c in channels) else 8
-        roi = o["roi_size"] or auto_roi(items, o["spatial_dims"], 2 ** (len(channels) - 1))
-        cfg = SegDiffConfig(
-            labels=label_names(args.studies, items), network=o["network"], spatial_dims=o["spatial_dims"],
-            context=o["context"] if o["spatial_dims"] == 2 else 0, channels=channels,
-            attention_levels=[False] * len(channels), norm_num_groups=groups,
-            spacing=o["spacing"] or auto_spacing(items, o["spatial_dims"]), roi_size=roi,
+        cfg = new_config(
+            items, label_names(args.studies, items), network=o["network"], spatial_dims=o["spatial_dims"],
+            channels=o["channels"], spacing=o["spacing"], roi_size=o["roi_size"], context=o["context"],
             prediction_type=o["prediction_type"], sample_steps=o["steps"], num_samples=o["samples"],
-            intensity=o["intensity"], image_channels=_channels_of(items[0]["image"]),
+            intensity=o["intensity"],
         )
     if not args.quiet:
         print(f"training {cfg.network} on {len(train_items)} cases (validation {len(val_items)}), "
@@ -143,12 +143,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     print(json.dumps(result.__dict__, indent=2))
     return 0
-
-
-def _channels_of(path: str) -> int:
-    from .segmenter import load_image
-
-    return int(load_image(path).shape[0])
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -174,7 +168,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "infer": cmd_infer}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main_bench
+
+    return main_bench(args)
+
+
+COMMANDS = {"train": cmd_train, "infer": cmd_infer, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -175,11 +175,18 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict, config: SegDiffCo
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a model must be readable by others
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, SegDiffConfig, dict]:

@@ -86,6 +86,33 @@ def auto_roi(items: Sequence[dict], spatial_dims: int = 2, divisor: int = 8, lar
     return [int(math.ceil(min(m, largest) / divisor) * divisor) for m in med]
 
 
+def new_config(
+    items: Sequence[dict],
+    labels: Sequence[str],
+    network: str = "medsegdiff",
+    spatial_dims: int = 2,
+    channels: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
+    roi_size: Sequence[int] | None = None,
+    **overrides,
+) -> SegDiffConfig:
+    """The config of a new model for ``items``: the library's default widths (MONAI's UNet family
+    for the baseline), no attention, spacing and patch size chosen from the data."""
+    from .segmenter import load_image
+
+    channels = list(channels or ([16, 32, 64, 128] if network == "unet" else SegDiffConfig().channels))
+    return SegDiffConfig(
+        labels=list(labels), network=network, spatial_dims=spatial_dims,
+        context=overrides.pop("context", 1) if spatial_dims == 2 else 0,
+        channels=channels, attention_levels=[False] * len(channels),
+        norm_num_groups=16 if all(c % 16 == 0 for c in channels) else 8,
+        spacing=list(spacing or auto_spacing(items, spatial_dims)),
+        roi_size=list(roi_size or auto_roi(items, spatial_dims, 2 ** (len(channels) - 1))),
+        image_channels=int(load_image(items[0]["image"]).shape[0]),
+        **overrides,
+    )
+
+
 def load_cases(
     items: Sequence[dict], cfg: SegDiffConfig, use_raters: bool = False, progress: bool = False
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -155,6 +182,7 @@ def train(
     use_raters: bool | None = None,
     callback: Callable[[dict], None] | None = None,
     resume: str | Path | None = None,
+    ema_decay: float = 0.995,
 ) -> TrainResult:
     """Train ``cfg.network`` on labelled ``train_items``; write the best checkpoint to ``output``.
 
@@ -181,6 +209,8 @@ def train(
     sampler = PatchSampler(train_cases, cfg, seed=seed)
     objective = DiffusionObjective(cfg, weight_fn=_weight_fn(cfg)) if cfg.is_diffusion else None
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    # exponential moving average of the weights, used for validation and saved (Ho et al. 2020)
+    ema = torch.optim.swa_utils.AveragedModel(net, avg_fn=_ema(ema_decay), use_buffers=True)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     if iterations_per_epoch is None:
@@ -217,6 +247,7 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
+            ema.update_parameters(net)
             step += 1
             losses.append(float(loss.detach()))
             if bar is not None:
@@ -229,12 +260,12 @@ def train(
         last = stop or epoch == start_epoch + total
         dice = float("nan")
         if val_cases and (epoch % val_every == 0 or last):
-            dice = validation_dice(net, cfg, val_cases, num_samples=val_samples)
+            dice = validation_dice(ema.module, cfg, val_cases, num_samples=val_samples)
             result.val_dice.append(dice)
         score = dice if val_cases else -result.losses[-1]
         if not math.isnan(score) and (best_state is None or score > result.best_dice):
             result.best_dice, result.best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in ema.module.state_dict().items()}
             save(best_state, epoch)
         if callback is not None:
             callback({"epoch": epoch, "step": step, "loss": result.losses[-1], "val_dice": dice,
@@ -244,12 +275,22 @@ def train(
     if bar is not None:
         bar.close()
     if output is not None and resume is not None or output is not None and cfg.extra.get("keep_optimizer"):
-        save_checkpoint(output, best_state or net.state_dict(), cfg, epoch=epoch, step=step,
+        save_checkpoint(output, best_state or ema.module.state_dict(), cfg, epoch=epoch, step=step,
                         best_dice=result.best_dice, optimizer=opt.state_dict())
     result.epochs, result.steps, result.seconds = epoch - start_epoch, step, time.perf_counter() - t0
     if not val_cases:
         result.best_dice = float("nan")
     return result
+
+
+def _ema(decay: float):
+    """EMA update with a warm-up, so short runs are not dominated by the random initialisation."""
+
+    def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
+        return d * averaged + (1 - d) * current
+
+    return avg
 
 
 def _weight_fn(cfg: SegDiffConfig):

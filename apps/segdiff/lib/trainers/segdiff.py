@@ -31,9 +31,8 @@ from monailabel.utils.others.generic import name_to_device
 from monai_segdiff import data as sd_data
 from monai_segdiff.config import NETWORKS, CheckpointError, SegDiffConfig, load_checkpoint
 from monai_segdiff.labelset import label_names as studies_label_names
-from monai_segdiff.segmenter import load_image
 from monai_segdiff.networks import build_network
-from monai_segdiff.training import auto_roi, auto_spacing, load_cases, train, validation_dice
+from monai_segdiff.training import load_cases, new_config, train, validation_dice
 from monai_segdiff.transforms import InputError
 
 from ..infers.segdiff import devices, truthy
@@ -55,22 +54,8 @@ def available_networks(first: str) -> list[str]:
 
 
 def scratch_config(items: list[dict], labels: list[str], network: str) -> SegDiffConfig:
-    """A new model's config, as ``segdiff train`` builds it (2.5D slices, automatic spacing and patch
-    size, the library's default channels)."""
-    unet = network == "unet"
-    channels = [16, 32, 64, 128] if unet else list(LIBRARY_DEFAULTS.channels)
-    return SegDiffConfig(
-        labels=labels,
-        network=network,
-        spatial_dims=2,
-        context=1,
-        channels=channels,
-        attention_levels=[False] * len(channels),
-        norm_num_groups=16 if all(c % 16 == 0 for c in channels) else 8,
-        spacing=auto_spacing(items, 2),
-        roi_size=auto_roi(items, 2, 2 ** (len(channels) - 1)),
-        image_channels=int(load_image(items[0]["image"]).shape[0]),
-    )
+    """A new model's config, as ``segdiff train`` builds it (the library's ``new_config``)."""
+    return new_config(items, labels, network=network)
 
 
 def _number(value: Any, kind=float, default=None):
