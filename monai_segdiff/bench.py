@@ -145,14 +145,20 @@ def run(model: str, studies: str, quick: bool = True, samples: int = 5, repeats:
     out: dict = {"settings": {"model": model, "studies": studies, "quick": quick, "samples": samples,
                               "steps": cfg.sample_steps, "network": cfg.network, "channels": cfg.channels,
                               "threads": torch.get_num_threads(), "repeats": repeats}}
-    out.update(p1_seed_sampler(net, cfg, items[0], samples, 2 if quick else 6, repeats))
+    log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log("P1 seed sampler vs default")
+    out.update(p1_seed_sampler(net, cfg, items[0], samples, 1 if quick else 6, repeats))
+    log("P2 vs MC-dropout UNet")
     # P2 on a 128x128x64 volume as in the measured UNet numbers: the first case resampled up
     img = _case(cfg, items[0])[0]
     vol = torch.nn.functional.interpolate(img[None], size=(128, 128, 32 if quick else 64), mode="trilinear")[0]
     out.update(p2_vs_mc_dropout(net, cfg, vol, samples, repeats))
-    shape = (512, 512, 40) if quick else (512, 512, 300)
+    log("P3 peak memory, CT-sized volume")
+    shape = (512, 512, 12) if quick else (512, 512, 300)
     out.update(p3_peak_rss(model, shape, samples, (0.7, 0.7, 1.0)))
-    out.update(p4_scoring(model, cfg, items[: 4 if quick else 12], 3, 2))
+    log("P4 scoring throughput vs one epoch")
+    out.update(p4_scoring(model, cfg, items[: 3 if quick else 12], 3, 2))
+    log("done")
     return out
 
 
