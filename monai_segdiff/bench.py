@@ -13,7 +13,6 @@ P4  active-learning scoring throughput (volumes per minute) vs one training epoc
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -56,7 +55,6 @@ def p1_seed_sampler(net, cfg: SegDiffConfig, item: dict, samples: int, seed_slic
     fg = torch.nonzero(lab.sum((0, 1)) > 0).flatten().tolist() or list(range(depth))
     zs = [fg[int(i)] for i in np.linspace(0, len(fg) - 1, min(seed_slices, len(fg)))]
     slow = DiffusionSampler(cfg, method="ddpm")
-    gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     dice_slow, dice_fast = [], []
     for z in zs:

@@ -18,6 +18,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "spatial_dims": 2, "context": 1, "channels": None, "spacing": None, "roi_size": None,
     "prediction_type": "sample", "steps": 4, "samples": 5, "intensity": "percentile", "seed": 0,
     "init": None, "resume": None, "iterations_per_epoch": None, "device": "cpu", "use_raters": None,
+    "anchor": False, "boundary_loss": None, "extra": None,
 }
 
 
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--intensity", choices=["percentile", "ct"])
     t.add_argument("--iterations-per-epoch", type=int)
     t.add_argument("--seed", type=int)
+    t.add_argument("--anchor", action="store_true", default=None,
+                   help="medsegdiff: add the anchor head (deterministic image-path prediction as condition)")
+    t.add_argument("--boundary-loss", action="store_true", default=None,
+                   help="DermoSegDiff boundary-aware loss weights (on by default for dermosegdiff)")
     t.add_argument("--init", help="checkpoint to fine-tune from")
     t.add_argument("--resume", help="checkpoint to continue (weights, optimiser, step, config)")
     t.add_argument("--device")
@@ -130,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             items, label_names(args.studies, items), network=o["network"], spatial_dims=o["spatial_dims"],
             channels=o["channels"], spacing=o["spacing"], roi_size=o["roi_size"], context=o["context"],
             prediction_type=o["prediction_type"], sample_steps=o["steps"], num_samples=o["samples"],
-            intensity=o["intensity"],
+            intensity=o["intensity"], extra=_extra(o),
         )
     if not args.quiet:
         print(f"training {cfg.network} on {len(train_items)} cases (validation {len(val_items)}), "
@@ -143,6 +148,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     print(json.dumps(result.__dict__, indent=2))
     return 0
+
+
+def _extra(o: dict[str, Any]) -> dict[str, Any]:
+    """Network-specific settings (``extra`` mapping of the YAML config, plus the flags)."""
+    extra = dict(o.get("extra") or {})
+    if o.get("anchor"):
+        extra.setdefault("medsegdiff", {})["anchor"] = True
+    if o.get("boundary_loss") is not None:
+        extra["boundary_loss"] = bool(o["boundary_loss"])
+    return extra
 
 
 def cmd_infer(args: argparse.Namespace) -> int:

@@ -295,7 +295,7 @@ def _ema(decay: float):
 
 def _weight_fn(cfg: SegDiffConfig):
     """Boundary-aware loss weights (DermoSegDiff) when the config asks for them."""
-    if not cfg.extra.get("boundary_loss"):
+    if not cfg.extra.get("boundary_loss", cfg.network == "dermosegdiff"):
         return None
     from .losses import BoundaryWeights
 

@@ -1,7 +1,10 @@
 """Samplers: few-step DDIM (default) and full DDPM, N ensemble members run as one batch.
 
 The image path runs once per image batch (``net.condition``) and is reused by every step and every
-member; only ``net.forward(x_t, t, cond)`` runs per step. The sampler knows nothing else of the
+member; only ``net.forward(x_t, t, cond)`` runs per step. A network may define
+``member_condition(cond, n, generator) -> cond`` to expand the condition to ``n`` members itself
+(member-major, like :func:`repeat_members`, which is used otherwise), e.g. to draw a per-member
+latent that stays fixed over that member's steps (CIMD). The sampler knows nothing else of the
 network (diffusers-style separation of model, scheduler and loop).
 """
 
@@ -74,7 +77,12 @@ class DiffusionSampler:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         b = image.shape[0]
-        cond = repeat_members(net.condition(image), num_samples)
+        cond = net.condition(image)
+        member_condition = getattr(net, "member_condition", None)  # e.g. CIMD: one prior z per member
+        if callable(member_condition):
+            cond = member_condition(cond, num_samples, generator)
+        else:
+            cond = repeat_members(cond, num_samples)
         shape = (num_samples * b, self.cfg.num_classes, *image.shape[2:])
         x = torch.randn(shape, generator=generator, device="cpu").to(image.device)
         x0 = x

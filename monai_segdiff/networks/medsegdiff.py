@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..losses import dice_ce
 from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv
 
 
@@ -69,6 +70,10 @@ class MedSegDiff(nn.Module):
         norm_num_groups: group-norm groups of the image path.
         ff_parser: apply the FF-Parser on the mask path.
         ff_size: stored size of the FF-Parser weight maps.
+        anchor: add the anchor head: a deterministic prediction from the image path, supervised
+            with Dice + CE (``extra_loss``) and fed to the mask path as an extra condition (its
+            class probabilities scaled to [-1, 1], detached); never blended into the samples.
+        anchor_weight: weight of the anchor's Dice + CE in the training loss.
     """
 
     def __init__(
@@ -81,6 +86,8 @@ class MedSegDiff(nn.Module):
         norm_num_groups: int = 8,
         ff_parser: bool = True,
         ff_size: int = 16,
+        anchor: bool = False,
+        anchor_weight: float = 1.0,
     ) -> None:
         super().__init__()
         ch = list(channels)
@@ -93,7 +100,13 @@ class MedSegDiff(nn.Module):
         self.temb = TimeEmbedding(mch[1] * 2)
         # the per-step mask path starts at half resolution (the cost of CPU sampling lives here);
         # full-resolution detail comes from the image features in the output head
-        self.inp = conv(spatial_dims, num_classes, mch[1], stride=2, groups=groups)
+        # optional anchor: its probabilities enter next to x_t (mask-path input and output head)
+        self.anchor = _pointwise(spatial_dims, ch[0], num_classes) if anchor else None
+        self.anchor_weight = float(anchor_weight)
+        self._anchor_logits: torch.Tensor | None = None
+        self._x0: torch.Tensor | None = None
+        mask_in = num_classes * (2 if anchor else 1)
+        self.inp = conv(spatial_dims, mask_in, mch[1], stride=2, groups=groups)
         self.down = nn.ModuleList(conv(spatial_dims, mch[i], mch[i + 1], stride=2, groups=groups) for i in range(1, len(mch) - 1))
         self.ff = nn.ModuleList(FFParser(spatial_dims, m, ff_size) if ff_parser else nn.Identity() for m in mch[1:])
         self.fuse = nn.ModuleList(DynamicConditionalEncoding(m) for m in mch[1:])
@@ -101,15 +114,41 @@ class MedSegDiff(nn.Module):
         self.mid = conv(spatial_dims, mch[-1], mch[-1], groups=groups)
         self.up = nn.ModuleList(conv(spatial_dims, mch[i + 1] + mch[i], mch[i], groups=groups) for i in range(1, len(mch) - 1))
         self.out = nn.Sequential(
-            _pointwise(spatial_dims, mch[1] + mch[0] + num_classes, mch[0]), nn.SiLU(), _pointwise(spatial_dims, mch[0], num_classes)
+            _pointwise(spatial_dims, mch[1] + mch[0] + mask_in, mch[0]), nn.SiLU(), _pointwise(spatial_dims, mch[0], num_classes)
         )
 
+    def _condition(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        feats = self.image_path(image)
+        cond = [p(f) for p, f in zip(self.project, feats)]
+        if self.anchor is None:
+            return cond, None
+        logits = self.anchor(feats[0])
+        return cond + [2 * torch.softmax(logits.detach().float(), dim=1).to(logits.dtype) - 1], logits
+
     def condition(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Image features at every level, projected to the mask path's widths (once per image)."""
-        return [p(f) for p, f in zip(self.project, self.image_path(image))]
+        """Image features at every level, projected to the mask path's widths (once per image);
+        with the anchor head, its prediction (scaled to [-1, 1]) is the last entry."""
+        return self._condition(image)[0]
+
+    def training_condition(self, image: torch.Tensor, x0: torch.Tensor) -> list[torch.Tensor]:
+        """As :meth:`condition`; with the anchor head, keeps its logits and the mask for :meth:`extra_loss`."""
+        cond, logits = self._condition(image)
+        if logits is not None:
+            self._anchor_logits, self._x0 = logits, x0
+        return cond
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """``anchor_weight * (Dice + CE)`` of the anchor head on the last training batch (then cleared);
+        ``None`` without the anchor head."""
+        logits, x0 = self._anchor_logits, self._x0
+        self._anchor_logits = self._x0 = None
+        return None if logits is None else self.anchor_weight * dice_ce(logits, x0)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: list[torch.Tensor]) -> torch.Tensor:
         temb = self.temb(t)
+        if self.anchor is not None:
+            *cond, anchor = cond
+            x_t = torch.cat([x_t, anchor], dim=1)
         h = self.inp(x_t)
         skips = []
         for i, m_i in enumerate(cond[1:]):
