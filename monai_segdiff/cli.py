@@ -13,6 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .al_simulation import add_al_parser, cmd_al_simulate
+from .evaluation import add_evaluate_parser, cmd_evaluate
+
 TRAIN_DEFAULTS: dict[str, Any] = {
     "network": "medsegdiff", "epochs": None, "max_minutes": None, "batch_size": 16, "lr": 1e-3, "val_split": 0.2,
     "spatial_dims": 2, "context": 1, "channels": None, "spacing": None, "roi_size": None,
@@ -81,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", type=int, default=5)
     b.add_argument("--quick", action="store_true", help="small sizes, one repeat (< 5 minutes)")
     b.add_argument("--output", help="JSON file to write")
+    add_evaluate_parser(sub)
+    add_al_parser(sub)
     return p
 
 
@@ -189,7 +194,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return main_bench(args)
 
 
-COMMANDS = {"train": cmd_train, "infer": cmd_infer, "bench": cmd_bench}
+COMMANDS = {
+    "train": cmd_train, "infer": cmd_infer, "bench": cmd_bench, "evaluate": cmd_evaluate, "al-simulate": cmd_al_simulate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

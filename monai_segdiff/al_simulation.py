@@ -1,0 +1,488 @@
+"""``segdiff al-simulate``: does uncertainty-driven active learning save annotation work?
+
+A simulation of the MONAI Label annotation loop on a folder whose cases are all labelled:
+
+1. a fixed test split is held out (the same for every strategy and seed);
+2. each seed draws ``initial`` labelled cases from the rest (the *pool*); every strategy of that seed
+   starts from the same cases and the same round-0 model;
+3. each round: the strategy ranks the still-unlabelled pool, the top ``per_round`` cases have their
+   labels "revealed", the learner is trained for a fixed budget, warm-started from the previous
+   round's weights, and evaluated (mean foreground Dice) on the test split.
+
+The *learner* is the same diffusion model for every strategy, so the curves differ only by which cases
+were picked. Strategies:
+
+* ``random``: uniform over the pool (seeded).
+* ``segdiff_uncertainty``: the learner's own ensemble, ranked by ``Prediction.stats["case_score"]``
+  from :class:`~monai_segdiff.segmenter.Segmenter` -- the exact call the MONAI Label app's scoring task
+  makes (``apps/segdiff/lib/scoring``), with the app's default 3 samples x 2 steps.
+* ``mc_dropout``: MONAI Label's epistemic approach: a deterministic UNet with dropout (``network="unet"``),
+  trained alongside on the same labelled cases (also warm-started), scored by the same ``case_score``
+  on its MC-dropout samples. It only chooses cases; the curve is still the diffusion learner's Dice.
+
+Outputs in the report folder, rewritten after every round so a long run can be watched:
+``curves.json`` (every round of every run, settings, summary), ``curves.png`` (mean Dice vs labelled
+cases with mean +- std over seeds and min-max bars), ``summary.json`` (label saving) and
+``report.html``.
+
+Label saving: the target is random's final mean Dice; for each strategy the first labelled-case count
+whose mean Dice (over seeds) reaches it, as a fraction of random's final count (``fraction_of_labels``)
+and of the labels added after the initial set (``fraction_of_added_labels``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+# only the standard library at import time (the ``segdiff`` parser stays instant); torch, MONAI and
+# matplotlib load when the command runs
+if TYPE_CHECKING:
+    import torch
+
+    from .config import SegDiffConfig
+    from .segmenter import Segmenter
+
+__all__ = ["STRATEGIES", "SimulationSettings", "simulate", "label_saving", "add_al_parser", "cmd_al_simulate"]
+
+STRATEGIES = ("random", "segdiff_uncertainty", "mc_dropout")
+ALIASES = {"uncertainty": "segdiff_uncertainty", "segdiff": "segdiff_uncertainty", "epistemic": "mc_dropout",
+           "mcdropout": "mc_dropout", "mc-dropout": "mc_dropout"}
+
+
+@dataclass
+class SimulationSettings:
+    """Everything that defines a simulation (stored in ``curves.json``).
+
+    Args:
+        strategies: subset of ``STRATEGIES`` (aliases: ``uncertainty``, ``epistemic``).
+        seeds: one run per seed and strategy (initial cases, random picks, training noise).
+        initial: labelled cases at round 0.
+        per_round: cases labelled per round.
+        rounds: rounds after round 0 (stops early when the pool is empty).
+        test_fraction: share of the labelled cases held out for testing (split seed 0, fixed).
+        network, channels, spacing, roi_size, prediction_type: the diffusion learner (None: the
+            ``segdiff train`` defaults; spacing and ROI automatic from the images).
+        epochs, iterations_per_epoch, max_minutes: training budget of every round.
+        initial_epochs: epochs of round 0 (from scratch); None = ``epochs``.
+        batch_size, lr: optimiser settings.
+        samples, steps: ensemble used to score (``segdiff_uncertainty``) and to evaluate.
+        mc_samples: MC-dropout passes of the ``mc_dropout`` scorer.
+        uncertainty: voxel map both scorers rank by (``entropy``, ``mutual_information``,
+            ``variance``, ``disagreement``; None: the model's own, as the app does by default).
+        mc_channels: channels of the MC-dropout UNet.
+        device: torch device.
+    """
+
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    initial: int = 2
+    per_round: int = 1
+    rounds: int = 5
+    test_fraction: float = 0.25
+    network: str = "medsegdiff"
+    channels: list[int] | None = None
+    spacing: list[float] | None = None
+    roi_size: list[int] | None = None
+    prediction_type: str = "sample"
+    epochs: int | None = 2
+    iterations_per_epoch: int | None = 20
+    max_minutes: float | None = None
+    initial_epochs: int | None = None
+    batch_size: int = 8
+    lr: float = 1e-3
+    samples: int = 3
+    steps: int = 2
+    mc_samples: int = 5
+    uncertainty: str | None = None
+    mc_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        names = [ALIASES.get(s.strip().lower(), s.strip().lower()) for s in self.strategies if s.strip()]
+        unknown = [s for s in names if s not in STRATEGIES]
+        if unknown:
+            raise ValueError(f"unknown strategy {', '.join(unknown)}; valid: {', '.join(STRATEGIES)}")
+        if not names:
+            raise ValueError("give at least one strategy")
+        self.strategies = list(dict.fromkeys(names))
+        if self.initial < 1 or self.per_round < 1 or self.rounds < 0:
+            raise ValueError("initial and per-round must be >= 1, rounds >= 0")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test fraction must be in (0, 1), got {self.test_fraction}")
+        if self.epochs is None and self.max_minutes is None:
+            raise ValueError("give a training budget: epochs or max_minutes")
+        if not self.seeds:
+            raise ValueError("give at least one seed")
+
+
+# ------------------------------------------------------------------------------------------ models
+def learner_config(s: SimulationSettings, studies: str | Path, items: Sequence[dict]) -> SegDiffConfig:
+    """The diffusion learner, built as ``segdiff train`` builds a new model (``training.new_config``)."""
+    from .labelset import label_names
+    from .training import new_config
+
+    return new_config(items, label_names(studies, items), network=s.network, channels=s.channels,
+                      spacing=s.spacing, roi_size=s.roi_size, prediction_type=s.prediction_type,
+                      sample_steps=s.steps, num_samples=s.samples)
+
+
+def scorer_config(cfg: SegDiffConfig, s: SimulationSettings) -> SegDiffConfig:
+    """The MC-dropout UNet: same labels, spacing, intensity handling and patch size as the learner."""
+    divisor = 2 ** (len(s.mc_channels) - 1)
+    roi = [int(math.ceil(r / divisor) * divisor) for r in cfg.roi_size]
+    channels = list(s.mc_channels)
+    return cfg.replace(network="unet", channels=channels, attention_levels=[False] * len(channels),
+                       norm_num_groups=16 if all(c % 16 == 0 for c in channels) else 8, roi_size=roi,
+                       num_samples=s.mc_samples, extra={})
+
+
+class _Trainer:
+    """Train with the round budget, warm-started; keeps the returned weights in memory."""
+
+    def __init__(self, s: SimulationSettings, workdir: Path, progress: bool = False) -> None:
+        self.s, self.workdir, self.progress = s, workdir, progress
+        self.count = 0
+
+    def __call__(self, cfg: SegDiffConfig, items: Sequence[dict], init_state: dict | None, seed: int,
+                 first: bool = False) -> tuple[dict, dict]:
+        from .config import load_checkpoint
+        from .training import train
+
+        self.count += 1
+        out = self.workdir / f"model_{self.count}.pt"
+        epochs = self.s.initial_epochs if first and self.s.initial_epochs is not None else self.s.epochs
+        result = train(cfg, list(items), (), output=out, epochs=epochs, max_minutes=self.s.max_minutes,
+                       batch_size=self.s.batch_size, lr=self.s.lr, iterations_per_epoch=self.s.iterations_per_epoch,
+                       init_state=init_state, seed=seed, device=self.s.device, progress=self.progress)
+        state = load_checkpoint(out)[0]
+        out.unlink(missing_ok=True)
+        return state, {"train_s": result.seconds, "train_steps": result.steps, "train_loss": result.losses[-1]
+                       if result.losses else None}
+
+
+def _segmenter(cfg: SegDiffConfig, state: dict, samples: int, steps: int | None, seed: int, device: str,
+               uncertainty: str | None = None) -> Segmenter:
+    from .networks import build_network
+    from .segmenter import Segmenter
+
+    net = build_network(cfg)
+    net.load_state_dict(state)
+    return Segmenter(net, cfg, num_samples=samples, steps=steps if cfg.is_diffusion else None, seed=seed,
+                     device=device, uncertainty=uncertainty)
+
+
+def evaluate_dice(seg: Segmenter, cases: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Mean foreground Dice (and per label) of the fused ensemble on preprocessed test cases."""
+    import numpy as np
+
+    from . import metrics
+    from .uncertainty import fuse
+
+    k = seg.cfg.num_classes
+    per_case = []
+    for image, labels in cases:
+        out = seg.ensemble(image)
+        label = fuse(out.probs, out.samples, method=seg.cfg.fusion, num_classes=k)
+        truth = labels[0].long().reshape(label.shape)
+        per_case.append(metrics.dice_per_label(label, truth, k))
+    arr = np.asarray(per_case, dtype=np.float64)
+    return {"dice": float(np.nanmean(arr)),
+            "dice_per_label": {n: float(np.nanmean(arr[:, i])) for i, n in enumerate(seg.cfg.labels)}}
+
+
+def case_scores(seg: Segmenter, items: Sequence[dict]) -> dict[str, dict]:
+    """``{id: {"score", "dice"}}``: the case score exactly as the MONAI Label scoring task computes it
+    (``Segmenter(image_path).stats["case_score"]``), and, since the simulation knows the hidden label,
+    the case's Dice under the same prediction (to check that high scores mark bad cases)."""
+    import numpy as np
+
+    from . import metrics
+    from .segmenter import load_image
+
+    out = {}
+    k = seg.cfg.num_classes
+    for item in items:
+        pred = seg(item["image"])
+        truth = load_image(item["label"])[0].round().long()
+        dice = metrics.dice_per_label(pred.label[0].long(), truth, k)
+        out[item["id"]] = {"score": float(pred.stats["case_score"]), "dice": float(np.nanmean(dice))}
+    return out
+
+
+# ---------------------------------------------------------------------------------------- summary
+def curves(runs: Sequence[dict], strategies: Sequence[str], label: str | None = None) -> dict[str, dict]:
+    """Per strategy: labelled-case counts and mean / std / min / max Dice over the seeds' runs (the
+    mean over labels, or one ``label``'s Dice)."""
+    import numpy as np
+
+    out = {}
+    for name in strategies:
+        by_n: dict[int, list[float]] = {}
+        seeds = 0
+        for run in runs:
+            if run["strategy"] != name:
+                continue
+            seeds += 1
+            for r in run["rounds"]:
+                value = r["dice"] if label is None else r["dice_per_label"][label]
+                by_n.setdefault(int(r["n_labelled"]), []).append(float(value))
+        if not by_n:
+            continue
+        ns = sorted(by_n)
+        vals = [np.asarray(by_n[n]) for n in ns]
+        out[name] = {
+            "n_labelled": ns,
+            "mean": [float(v.mean()) for v in vals],
+            "std": [float(v.std(ddof=1)) if len(v) > 1 else 0.0 for v in vals],
+            "min": [float(v.min()) for v in vals],
+            "max": [float(v.max()) for v in vals],
+            "runs": [len(v) for v in vals],
+            "seeds": seeds,
+        }
+    return out
+
+
+def label_saving(curve_set: dict[str, dict], initial: int) -> dict:
+    """How many labels each strategy needs to reach random's final mean Dice (see module doc)."""
+    import numpy as np
+
+    summary: dict[str, Any] = {"target_dice": None, "random_final_n": None, "strategies": {}}
+    rnd = curve_set.get("random")
+    target = final_n = None
+    if rnd:
+        target, final_n = rnd["mean"][-1], rnd["n_labelled"][-1]
+        summary["target_dice"], summary["random_final_n"] = target, final_n
+    for name, c in curve_set.items():
+        ns, mean = c["n_labelled"], c["mean"]
+        reach = None
+        if target is not None:
+            reach = next((n for n, m in zip(ns, mean) if m >= target - 1e-12), None)
+        entry = {
+            "final_n_labelled": ns[-1],
+            "final_dice": mean[-1],
+            "area_under_curve": float(np.mean(mean)),
+            "n_to_reach_target": reach,
+            "fraction_of_labels": None,
+            "fraction_of_added_labels": None,
+            "label_saving": None,
+        }
+        if reach is not None and final_n:
+            entry["fraction_of_labels"] = reach / final_n
+            entry["label_saving"] = 1.0 - reach / final_n
+            if final_n > initial:
+                entry["fraction_of_added_labels"] = (reach - initial) / (final_n - initial)
+        summary["strategies"][name] = entry
+    return summary
+
+
+def _write(out: Path, result: dict, pictures: bool = True) -> None:
+    from . import report as rep
+    from .io import write_json
+
+    c = curves(result["runs"], result["settings"]["strategies"])
+    result["curves"] = c
+    labels = result.get("learner", {}).get("labels", [])
+    result["curves_per_label"] = {n: curves(result["runs"], result["settings"]["strategies"], n) for n in labels}
+    result["summary"] = label_saving(c, result["settings"]["initial"])
+    safe = rep.finite(result)
+    write_json(safe, out / "curves.json")
+    write_json(safe["summary"], out / "summary.json")
+    if pictures and c:
+        s = result["settings"]
+        title = (f"{s['network']} learner, {s['initial']} initial + {s['per_round']}/round, "
+                 f"{len(s['seeds'])} seed(s), test {result['split']['test']} cases")
+        rep.plot_learning_curves(out / "curves.png", c, target=safe["summary"]["target_dice"], title=title)
+        for i, (name, per_label) in enumerate(result["curves_per_label"].items()):
+            if per_label:
+                rep.plot_learning_curves(out / f"curves_label{i + 1}.png", per_label, ylabel=f"test Dice of {name}",
+                                         title=f"{name}: {title}")
+    rep.write_text(rep.al_html(safe), out / "report.html")
+
+
+# ------------------------------------------------------------------------------------ simulation
+def _pick(strategy: str, pool: list[dict], scores: dict[str, dict] | None, n: int, rng: random.Random) -> list[str]:
+    ids = sorted(it["id"] for it in pool)
+    if strategy == "random" or not scores:
+        return rng.sample(ids, min(n, len(ids)))
+    return sorted(ids, key=lambda i: (-scores[i]["score"], i))[:n]
+
+
+def simulate(
+    studies: str | Path,
+    settings: SimulationSettings,
+    report_dir: str | Path,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Run the simulation; write and return ``curves.json``'s content (see the module doc)."""
+    import numpy as np
+
+    from . import data as data_mod
+    from . import report as rep
+    from .training import load_cases
+
+    s = settings
+    out = Path(report_dir)
+    say = log or (lambda msg: None)
+    items = data_mod.labelled(data_mod.datalist(studies))
+    if len(items) < s.initial + 2:
+        raise ValueError(f"need at least {s.initial + 2} labelled cases, {studies} has {len(items)}")
+    pool_all, test = data_mod.split(items, s.test_fraction, seed=0)
+    if len(pool_all) <= s.initial:
+        raise ValueError(f"the pool ({len(pool_all)} cases after the test split) must exceed --initial {s.initial}")
+    cfg = learner_config(s, studies, items)
+    ucfg = scorer_config(cfg, s) if "mc_dropout" in s.strategies else None
+    out.mkdir(parents=True, exist_ok=True)
+    test_cases = load_cases(test, cfg)
+    result: dict[str, Any] = {
+        "studies": str(studies),
+        "settings": asdict(s),
+        "learner": cfg.to_dict(),
+        "scorer": ucfg.to_dict() if ucfg else None,
+        "split": {"pool": len(pool_all), "test": len(test), "test_ids": [it["id"] for it in test]},
+        "runs": [],
+    }
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work:
+        trainer = _Trainer(s, Path(work), progress=progress)
+        for seed in s.seeds:
+            initial_ids = sorted(random.Random(seed).sample(sorted(it["id"] for it in pool_all), s.initial))
+            by_id = {it["id"]: it for it in pool_all}
+            # round 0 is the same for every strategy of this seed: train once
+            t0 = time.perf_counter()
+            state0, info0 = trainer(cfg, [by_id[i] for i in initial_ids], None, seed=seed * 1000, first=True)
+            dice0 = evaluate_dice(_segmenter(cfg, state0, s.samples, s.steps, 0, s.device), test_cases)
+            ustate0 = None
+            if ucfg is not None:
+                ustate0, _ = trainer(ucfg, [by_id[i] for i in initial_ids], None, seed=seed * 1000, first=True)
+            say(f"seed {seed}: round 0, {s.initial} labelled, Dice {dice0['dice']:.4f} ({time.perf_counter() - t0:.0f} s)")
+            for strategy in s.strategies:
+                run = {"strategy": strategy, "seed": seed, "rounds": []}
+                result["runs"].append(run)
+                labelled_ids, state, ustate = list(initial_ids), state0, ustate0
+                run["rounds"].append({"round": 0, "n_labelled": len(labelled_ids), "labelled": list(labelled_ids),
+                                      "picked": [], **dice0, **info0, "score_s": 0.0})
+                _write(out, result)
+                for r in range(1, s.rounds + 1):
+                    pool = [by_id[i] for i in sorted(by_id) if i not in labelled_ids]
+                    if not pool:
+                        break
+                    t0 = time.perf_counter()
+                    scores = None
+                    if strategy == "segdiff_uncertainty":
+                        scores = case_scores(_segmenter(cfg, state, s.samples, s.steps, 0, s.device, s.uncertainty), pool)
+                    elif strategy == "mc_dropout":
+                        scores = case_scores(_segmenter(ucfg, ustate, s.mc_samples, None, 0, s.device, s.uncertainty), pool)
+                    score_s = time.perf_counter() - t0
+                    picked = _pick(strategy, pool, scores, s.per_round, random.Random(seed * 7919 + r))
+                    labelled_ids += picked
+                    train_items = [by_id[i] for i in labelled_ids]
+                    state, info = trainer(cfg, train_items, state, seed=seed * 1000 + r)
+                    if strategy == "mc_dropout":
+                        ustate, _ = trainer(ucfg, train_items, ustate, seed=seed * 1000 + r)
+                    dice = evaluate_dice(_segmenter(cfg, state, s.samples, s.steps, 0, s.device), test_cases)
+                    entry = {"round": r, "n_labelled": len(labelled_ids), "labelled": list(labelled_ids),
+                             "picked": picked, **dice, **info, "score_s": score_s}
+                    if scores:
+                        entry["pool_scores"] = scores
+                        entry["pool_spearman_score_vs_dice"] = rep.spearman(
+                            [v["score"] for v in scores.values()], [v["dice"] for v in scores.values()])
+                        entry["picked_dice"] = [scores[i]["dice"] for i in picked]
+                        entry["pool_mean_dice"] = float(np.mean([v["dice"] for v in scores.values()]))
+                    run["rounds"].append(entry)
+                    say(f"seed {seed} {strategy}: round {r}, {len(labelled_ids)} labelled, picked {picked}, "
+                        f"Dice {dice['dice']:.4f} (scoring {score_s:.0f} s, training {info['train_s']:.0f} s)")
+                    _write(out, result)
+    result["seconds"] = time.perf_counter() - t_start
+    _write(out, result)
+    return rep.finite(result)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    """Seeds from ``0,1,2`` or the range ``0-2``."""
+    if "-" in text.strip()[1:]:
+        lo, hi = text.split("-", 1)
+        return list(range(int(lo), int(hi) + 1))
+    return _ints(text)
+
+
+def add_al_parser(sub) -> argparse.ArgumentParser:
+    """Add ``segdiff al-simulate`` to the ``segdiff`` sub-parsers."""
+    a = sub.add_parser("al-simulate", help="simulate active learning on a labelled studies folder")
+    a.add_argument("--studies", required=True, help="studies folder where every case is labelled")
+    a.add_argument("--report", required=True, help="output folder (curves.json, curves.png, summary.json)")
+    a.add_argument("--strategies", default="random,segdiff_uncertainty,mc_dropout",
+                   help=f"comma-separated, of {', '.join(STRATEGIES)}")
+    a.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-2")
+    a.add_argument("--initial", type=int, default=2, help="labelled cases at the start")
+    a.add_argument("--per-round", type=int, default=1, help="cases labelled per round")
+    a.add_argument("--rounds", type=int, default=5)
+    a.add_argument("--test-fraction", type=float, default=0.25)
+    a.add_argument("--network", choices=["concat", "medsegdiff", "dermosegdiff", "cimd"], default="medsegdiff")
+    a.add_argument("--channels", type=_ints)
+    a.add_argument("--spacing", type=_floats)
+    a.add_argument("--roi-size", type=_ints)
+    a.add_argument("--epochs", type=int, help="training epochs per round (default 2)")
+    a.add_argument("--initial-epochs", type=int, help="epochs of round 0 (from scratch)")
+    a.add_argument("--iterations-per-epoch", type=int, default=20)
+    a.add_argument("--max-minutes", type=float, help="training minutes per round (instead of, or capping, epochs)")
+    a.add_argument("--batch-size", type=int, default=8)
+    a.add_argument("--lr", type=float, default=1e-3)
+    a.add_argument("--samples", type=int, default=3, help="ensemble size for scoring and testing")
+    a.add_argument("--steps", type=int, default=2, help="sampling steps for scoring and testing")
+    a.add_argument("--mc-samples", type=int, default=5)
+    a.add_argument("--mc-channels", type=_ints, default=[16, 32, 64, 128])
+    a.add_argument("--uncertainty", choices=["entropy", "mutual_information", "variance", "disagreement"],
+                   help="voxel map the scorers rank by (default: the model's)")
+    a.add_argument("--device", default="cpu")
+    a.add_argument("--quiet", action="store_true")
+    return a
+
+
+def cmd_al_simulate(args: argparse.Namespace) -> int:
+    epochs = args.epochs if args.epochs is not None else (None if args.max_minutes is not None else 2)
+    settings = SimulationSettings(
+        strategies=args.strategies.split(","), seeds=_seeds(args.seeds), initial=args.initial,
+        per_round=args.per_round, rounds=args.rounds, test_fraction=args.test_fraction, network=args.network,
+        channels=args.channels, spacing=args.spacing, roi_size=args.roi_size, epochs=epochs,
+        iterations_per_epoch=args.iterations_per_epoch, max_minutes=args.max_minutes,
+        initial_epochs=args.initial_epochs, batch_size=args.batch_size, lr=args.lr, samples=args.samples,
+        steps=args.steps, mc_samples=args.mc_samples, mc_channels=args.mc_channels, device=args.device,
+        uncertainty=args.uncertainty,
+    )
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = simulate(args.studies, settings, args.report, progress=False, log=log)
+    print(summary_text(result))
+    return 0
+
+
+def summary_text(result: dict) -> str:
+    s = result["summary"]
+
+    def f(v, d=3):
+        return "-" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
+
+    lines = [f"target (random's final Dice): {f(s['target_dice'], 4)} at {f(s['random_final_n'])} labels",
+             f"{'strategy':<22}{'final Dice':>11}{'AUC':>8}{'labels to target':>18}{'fraction':>10}"]
+    for name, e in s["strategies"].items():
+        lines.append(f"{name:<22}{f(e['final_dice'], 4):>11}{f(e['area_under_curve'], 4):>8}"
+                     f"{f(e['n_to_reach_target']):>18}{f(e['fraction_of_labels']):>10}")
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""``segdiff al-simulate``: the label-saving arithmetic on constructed curves, the MC-dropout scorer,
+and a real end-to-end simulation on a few phantoms (2 strategies, 2 rounds, 1 seed, tiny budget)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from monai_segdiff.al_simulation import (
+    SimulationSettings,
+    add_al_parser,
+    case_scores,
+    cmd_al_simulate,
+    curves,
+    label_saving,
+    scorer_config,
+)
+
+PHANTOMS = Path(__file__).resolve().parents[1] / "sample-data" / "phantoms"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores
+    yield
+    torch.set_num_threads(threads)
+
+
+def strict_json(path: Path) -> dict:
+    def no_constants(name):
+        raise AssertionError(f"non-standard JSON constant {name} in {path}")
+
+    return json.loads(path.read_text(), parse_constant=no_constants)
+
+
+def run(strategy: str, seed: int, dice: list[float], start: int = 2, step: int = 2) -> dict:
+    return {"strategy": strategy, "seed": seed,
+            "rounds": [{"n_labelled": start + i * step, "dice": d} for i, d in enumerate(dice)]}
+
+
+def test_label_saving_on_constructed_curves():
+    runs = [
+        run("random", 0, [0.5, 0.6, 0.65, 0.70, 0.75]), run("random", 1, [0.5, 0.6, 0.65, 0.70, 0.75]),
+        run("segdiff_uncertainty", 0, [0.5, 0.7, 0.74, 0.80, 0.80]),
+        run("segdiff_uncertainty", 1, [0.5, 0.7, 0.78, 0.80, 0.80]),  # mean 0.76 >= 0.75 at n = 6
+        run("mc_dropout", 0, [0.5, 0.55, 0.6, 0.65, 0.7]),
+    ]
+    c = curves(runs, ["random", "segdiff_uncertainty", "mc_dropout"])
+    assert c["segdiff_uncertainty"]["mean"][2] == pytest.approx(0.76)
+    assert c["segdiff_uncertainty"]["std"][2] == pytest.approx(math.sqrt(2 * 0.02**2))
+    assert c["random"]["seeds"] == 2 and c["mc_dropout"]["seeds"] == 1
+    s = label_saving(c, initial=2)
+    assert s["target_dice"] == pytest.approx(0.75) and s["random_final_n"] == 10
+    u = s["strategies"]["segdiff_uncertainty"]
+    assert u["n_to_reach_target"] == 6
+    assert u["fraction_of_labels"] == pytest.approx(0.6)
+    assert u["fraction_of_added_labels"] == pytest.approx(0.5)  # 4 of random's 8 added labels
+    assert u["label_saving"] == pytest.approx(0.4)
+    assert s["strategies"]["random"]["n_to_reach_target"] == 10
+    assert s["strategies"]["mc_dropout"]["n_to_reach_target"] is None  # never reaches 0.75
+
+
+def test_settings_validate_and_accept_aliases():
+    s = SimulationSettings(strategies=["random", "uncertainty", "epistemic"])
+    assert s.strategies == ["random", "segdiff_uncertainty", "mc_dropout"]
+    with pytest.raises(ValueError, match="unknown strategy"):
+        SimulationSettings(strategies=["entropy_max"])
+    with pytest.raises(ValueError, match="budget"):
+        SimulationSettings(epochs=None, max_minutes=None)
+
+
+# ----------------------------------------------------------------------------------- real, tiny runs
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory) -> Path:
+    """Seven labelled phantoms: 2 test cases, a pool of 5."""
+    root = tmp_path_factory.mktemp("studies")
+    (root / "labels" / "final").mkdir(parents=True)
+    for i in range(7):
+        name = f"phantom_{i:03d}.nii.gz"
+        shutil.copy(PHANTOMS / name, root / name)
+        shutil.copy(PHANTOMS / "labels" / "final" / name, root / "labels" / "final" / name)
+    shutil.copy(PHANTOMS / "labels.json", root / "labels.json")
+    return root
+
+
+def test_mc_dropout_scorer_uses_the_case_score_of_its_samples(studies, tmp_path):
+    from monai_segdiff import data
+    from monai_segdiff.al_simulation import _segmenter, learner_config
+    from monai_segdiff.training import train
+
+    items = data.labelled(data.datalist(studies))
+    s = SimulationSettings(channels=[8, 16, 16], spacing=[-1, -1, -1], mc_samples=3)
+    ucfg = scorer_config(learner_config(s, studies, items), s)
+    assert ucfg.network == "unet" and ucfg.channels == [16, 32, 64, 128] and ucfg.labels == ["organ", "lesion"]
+    train(ucfg, items[:2], (), output=tmp_path / "u.pt", epochs=1, iterations_per_epoch=2, batch_size=4)
+    from monai_segdiff.config import load_checkpoint
+
+    seg = _segmenter(ucfg, load_checkpoint(tmp_path / "u.pt")[0], 3, None, 0, "cpu")
+    scores = case_scores(seg, items[2:3])
+    pred = seg(items[2]["image"])  # the app's scoring call
+    assert scores[items[2]["id"]]["score"] == pytest.approx(pred.stats["case_score"])
+    assert 0.0 <= scores[items[2]["id"]]["score"] <= 1.0 and 0.0 <= scores[items[2]["id"]]["dice"] <= 1.0
+
+
+def test_simulation_runs_end_to_end(studies, tmp_path):
+    out = tmp_path / "al"
+    parser = argparse.ArgumentParser(prog="segdiff")
+    add_al_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([
+        "al-simulate", "--studies", str(studies), "--report", str(out), "--strategies", "random,segdiff_uncertainty",
+        "--seeds", "0", "--initial", "2", "--rounds", "2", "--test-fraction", "0.3", "--epochs", "1",
+        "--iterations-per-epoch", "2", "--batch-size", "4", "--channels", "8,16,16", "--spacing=-1,-1,-1",
+        "--samples", "2", "--steps", "2", "--quiet",
+    ])
+    assert cmd_al_simulate(args) == 0
+    result = strict_json(out / "curves.json")
+    assert result["split"] == {"pool": 5, "test": 2, "test_ids": result["split"]["test_ids"]}
+    runs = {r["strategy"]: r for r in result["runs"]}
+    assert set(runs) == {"random", "segdiff_uncertainty"}
+    test_ids = set(result["split"]["test_ids"])
+    for name, r in runs.items():
+        assert [x["n_labelled"] for x in r["rounds"]] == [2, 3, 4]
+        assert all(0.0 <= x["dice"] <= 1.0 for x in r["rounds"])
+        labelled = r["rounds"][-1]["labelled"]
+        assert len(set(labelled)) == 4 and not set(labelled) & test_ids
+        assert r["rounds"][0]["labelled"] == runs["random"]["rounds"][0]["labelled"]  # same start
+    assert r["rounds"][0]["dice"] == runs["random"]["rounds"][0]["dice"]  # same round-0 model
+    u = runs["segdiff_uncertainty"]["rounds"]
+    for x in u[1:]:
+        pool = x["pool_scores"]
+        assert len(pool) == 3 - (x["round"] - 1) and x["picked"][0] == min(pool, key=lambda i: (-pool[i]["score"], i))
+    assert u[1]["pool_spearman_score_vs_dice"]["n"] == 3
+    summary = strict_json(out / "summary.json")
+    assert summary["target_dice"] == pytest.approx(runs["random"]["rounds"][-1]["dice"])
+    assert set(summary["strategies"]) == {"random", "segdiff_uncertainty"}
+    assert summary["strategies"]["random"]["n_to_reach_target"] is not None
+    assert set(result["curves_per_label"]) == {"organ", "lesion"}
+    assert result["curves_per_label"]["organ"]["random"]["n_labelled"] == [2, 3, 4]
+    for name in ("curves.png", "curves_label1.png", "curves_label2.png"):
+        png = out / name
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert "Label saving" in (out / "report.html").read_text()
+    assert not list(out.glob(".work-*"))  # temporary checkpoints removed
