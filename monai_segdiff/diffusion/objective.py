@@ -10,7 +10,7 @@ from monai.losses import DiceLoss
 from torch import nn
 
 from ..config import SegDiffConfig
-from .schedule import ddpm_scheduler, predicted_x0, x0_to_probs
+from .schedule import ddpm_scheduler, predicted_x0
 
 WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -56,7 +56,7 @@ class DiffusionObjective:
         loss = mse
         if self.cfg.aux_dice_weight > 0:
             x0_hat = predicted_x0(pred, x_t, t, self.scheduler.alphas_cumprod, self.cfg.prediction_type)
-            dice = self.dice(x0_to_probs(x0_hat), (x0 > 0).float())
+            dice = self.dice(soft_mask(x0_hat), (x0 > 0).float())
             loss = loss + self.cfg.aux_dice_weight * dice
             logs["dice_loss"] = float(dice.detach())
         extra = getattr(net, "extra_loss", None)
@@ -67,6 +67,13 @@ class DiffusionObjective:
                 logs["extra"] = float(aux.detach())
         logs["loss"] = float(loss.detach())
         return loss, logs
+
+
+def soft_mask(x0_hat: torch.Tensor) -> torch.Tensor:
+    """Linear map of an x0 estimate to per-class soft masks for the auxiliary Dice loss (gentler
+    gradients than the sharpened probabilities used at inference)."""
+    p = (x0_hat.float().clamp(-1, 1) + 1) / 2 + 1e-4
+    return p / p.sum(dim=1, keepdim=True)
 
 
 def supervised_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
