@@ -274,7 +274,7 @@ def train(
             break
     if bar is not None:
         bar.close()
-    if output is not None and resume is not None or output is not None and cfg.extra.get("keep_optimizer"):
+    if output is not None and (resume is not None or cfg.extra.get("keep_optimizer")):
         save_checkpoint(output, best_state or ema.module.state_dict(), cfg, epoch=epoch, step=step,
                         best_dice=result.best_dice, optimizer=opt.state_dict())
     result.epochs, result.steps, result.seconds = epoch - start_epoch, step, time.perf_counter() - t0
