@@ -57,11 +57,11 @@ def p1_seed_sampler(net, cfg: SegDiffConfig, item: dict, samples: int, seed_slic
     slow = DiffusionSampler(cfg, method="ddpm")
     t0 = time.perf_counter()
     dice_slow, dice_fast = [], []
+    one_member = SegDiffInferer(lambda n, b, k, g: slow.probabilities(n, b, 1, g), 1, cfg.num_classes, 2,
+                                cfg.context, cfg.divisor, seed=None)
     for z in zs:
         sub = img[..., max(0, z - cfg.context): z + cfg.context + 1]
-        ctx = SegDiffInferer(lambda n, b, k, g: slow.probabilities(n, b, 1, g), 1, cfg.num_classes, 2,
-                             cfg.context, cfg.divisor, seed=None)
-        members = [ctx(sub, net).probs for _ in range(samples)]  # one member after another, batch 1
+        members = [one_member(sub, net).probs for _ in range(samples)]  # one member after another, batch 1
         zi = min(z, cfg.context)
         pred_slow = torch.stack(members).mean(0)[..., zi].argmax(0)
         dice_slow.append(np.nanmean(metrics.dice_per_label(pred_slow, lab[..., z], cfg.num_classes)))

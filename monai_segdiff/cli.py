@@ -201,13 +201,10 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .config import CheckpointError
+    from .data import DataError
     from .transforms import InputError
 
     args = build_parser().parse_args(argv)
-    try:
-        from .data import DataError
-    except ImportError:  # pragma: no cover - data module always present in a release
-        DataError = InputError  # noqa: N806
     try:
         return COMMANDS[args.command](args)
     except (CLIError, CheckpointError, InputError, DataError, ValueError, FileNotFoundError) as e:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PHANTOMS = REPO / "sample-data" / "phantoms"
@@ -174,3 +175,21 @@ def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "cond
 
 def dump(obj) -> str:
     return json.dumps(obj, indent=1, default=str)[:4000]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (2 shared cores: two threads were ~10x slower there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def strict_json(path: Path) -> dict:
+    """Parse a report file, failing on NaN / Infinity (not standard JSON)."""
+
+    def no_constants(name):
+        raise AssertionError(f"non-standard JSON constant {name} in {path}")
+
+    return json.loads(path.read_text(), parse_constant=no_constants)

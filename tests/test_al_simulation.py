@@ -4,13 +4,13 @@ and a real end-to-end simulation on a few phantoms (2 strategies, 2 rounds, 1 se
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
+
+from conftest import strict_json
 
 from monai_segdiff.al_simulation import (
     SimulationSettings,
@@ -24,20 +24,7 @@ from monai_segdiff.al_simulation import (
 
 PHANTOMS = Path(__file__).resolve().parents[1] / "sample-data" / "phantoms"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores
-    yield
-    torch.set_num_threads(threads)
-
-
-def strict_json(path: Path) -> dict:
-    def no_constants(name):
-        raise AssertionError(f"non-standard JSON constant {name} in {path}")
-
-    return json.loads(path.read_text(), parse_constant=no_constants)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(strategy: str, seed: int, dice: list[float], start: int = 2, step: int = 2) -> dict:

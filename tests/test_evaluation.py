@@ -12,7 +12,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
 import torch
+from conftest import strict_json
 from monai.data import MetaTensor
 
 from monai_segdiff.config import SegDiffConfig
@@ -26,20 +28,7 @@ SHAPE = (16, 16, 8)
 VOXELS = int(np.prod(SHAPE))
 N_ERRORS, N_UNCERTAIN_CORRECT = 8, 24  # the "known" case
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores
-    yield
-    torch.set_num_threads(threads)
-
-
-def strict_json(path: Path) -> dict:
-    def no_constants(name):
-        raise AssertionError(f"non-standard JSON constant {name} in {path}")
-
-    return json.loads(path.read_text(), parse_constant=no_constants)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def is_png(path: Path) -> bool:

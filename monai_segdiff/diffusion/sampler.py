@@ -54,13 +54,9 @@ class DiffusionSampler:
         if method == "ddim":
             self.scheduler = ddim_scheduler(cfg)
             self.scheduler.set_timesteps(steps)
-            # MONAI's DDIM uses leading spacing; replace by trailing spacing (same stride, so
-            # ``step`` still reaches t = -1, i.e. alpha_bar = 1, at the end)
-            stride = cfg.train_timesteps // steps
-            self.scheduler.timesteps = torch.tensor(
-                [t for t in trailing_timesteps(cfg.train_timesteps, steps)], dtype=torch.long
-            )
-            self._stride = stride
+            # MONAI's DDIM uses leading spacing; replace it by trailing spacing. ``step`` derives the
+            # previous timestep from the same stride, so the last step lands on t = -1 (alpha_bar = 1)
+            self.scheduler.timesteps = torch.tensor(trailing_timesteps(cfg.train_timesteps, steps), dtype=torch.long)
         else:
             self.scheduler = ddpm_scheduler(cfg)
             self.scheduler.set_timesteps(cfg.train_timesteps)
@@ -90,16 +86,10 @@ class DiffusionSampler:
             tt = torch.full((shape[0],), t, device=image.device, dtype=torch.long)
             out = net(x, tt, cond)
             if self.method == "ddim":
-                x, x0 = self._ddim_step(out, t, x, generator)
+                x, x0 = self.scheduler.step(out, t, x, eta=self.eta, generator=generator)
             else:
                 x, x0 = self.scheduler.step(out, t, x, generator=generator)
         return x0.clamp(-1, 1).reshape(num_samples, b, *shape[1:])
-
-    def _ddim_step(self, out: torch.Tensor, t: int, x: torch.Tensor, generator: torch.Generator | None):
-        # MONAI's DDIMScheduler.step derives the previous timestep from num_inference_steps; with
-        # trailing spacing the stride is the same, and the last step lands on t = -1 (alpha_bar = 1)
-        prev, x0 = self.scheduler.step(out, t, x, eta=self.eta, generator=generator)
-        return prev, x0
 
     def probabilities(
         self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None

@@ -22,6 +22,18 @@ def conv(spatial_dims: int, cin: int, cout: int, stride: int = 1, groups: int = 
     )
 
 
+def two_path_widths(
+    channels: Sequence[int], mask_channels: Sequence[int] | None, norm_num_groups: int
+) -> tuple[list[int], list[int], int]:
+    """Image-path widths, mask-path widths (default a quarter, >= 8) and group-norm groups (<= 8)
+    shared by the two-path networks."""
+    ch = list(channels)
+    mch = list(mask_channels or [max(8, c // 4) for c in ch])
+    if len(ch) < 2 or len(mch) != len(ch):
+        raise ValueError("need >= 2 levels and one mask_channels entry per level of channels")
+    return ch, mch, min(norm_num_groups, 8)
+
+
 class TimeEmbedding(nn.Module):
     """Sinusoidal timestep embedding (Ho et al. 2020) followed by an MLP."""
 

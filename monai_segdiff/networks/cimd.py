@@ -33,7 +33,7 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from ..losses import diagonal_gaussian_kl, dice_ce
-from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv
+from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv, two_path_widths
 
 
 class GaussianEncoder(nn.Module):
@@ -105,11 +105,7 @@ class CIMD(nn.Module):
         encoder_channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        ch = list(channels)
-        mch = list(mask_channels or [max(8, c // 4) for c in ch])
-        if len(ch) < 2 or len(mch) != len(ch):
-            raise ValueError("need >= 2 levels and one mask_channels entry per level of channels")
-        groups = min(norm_num_groups, 8)
+        ch, mch, groups = two_path_widths(channels, mask_channels, norm_num_groups)
         self.spatial_dims, self.latent_dim = spatial_dims, int(latent_dim)
         self.kl_weight, self.free_nats, self.recon_weight = float(kl_weight), float(free_nats), float(recon_weight)
         enc = list(encoder_channels or mch)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv
+from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv, two_path_widths
 
 
 class ImageGate(nn.Module):
@@ -63,11 +63,7 @@ class DermoSegDiff(nn.Module):
         norm_num_groups: int = 8,
     ) -> None:
         super().__init__()
-        ch = list(channels)
-        mch = list(mask_channels or [max(8, c // 4) for c in ch])
-        if len(ch) < 2 or len(mch) != len(ch):
-            raise ValueError("need >= 2 levels and one mask_channels entry per level of channels")
-        groups = min(norm_num_groups, 8)
+        ch, mch, groups = two_path_widths(channels, mask_channels, norm_num_groups)
         self.spatial_dims = spatial_dims
         self.image_path = ImageEncoderDecoder(spatial_dims, image_channels, ch, groups=groups)
         self.head_image = _pointwise(spatial_dims, ch[0], mch[0])

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import dice_ce
-from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv
+from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv, two_path_widths
 
 
 class FFParser(nn.Module):
@@ -90,11 +90,7 @@ class MedSegDiff(nn.Module):
         anchor_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        ch = list(channels)
-        mch = list(mask_channels or [max(8, c // 4) for c in ch])
-        if len(ch) < 2 or len(mch) != len(ch):
-            raise ValueError("need >= 2 levels and one mask_channels entry per level of channels")
-        groups = min(norm_num_groups, 8)
+        ch, mch, groups = two_path_widths(channels, mask_channels, norm_num_groups)
         self.image_path = ImageEncoderDecoder(spatial_dims, image_channels, ch, groups=groups)
         self.project = nn.ModuleList(_pointwise(spatial_dims, c, m) for c, m in zip(ch, mch))
         self.temb = TimeEmbedding(mch[1] * 2)
