@@ -4,6 +4,7 @@ Dice + CE for the baseline), validate with few-step samples, keep the best check
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -15,8 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import metrics
-from .config import SegDiffConfig, load_checkpoint, save_checkpoint
+from .config import SegDiffConfig, load_checkpoint, save_checkpoint, training_state_path
 from .diffusion.inferer import SegDiffInferer
 from .diffusion.objective import DiffusionObjective, supervised_loss
 from .diffusion.sampler import build_sampler
@@ -38,10 +38,13 @@ class TrainResult:
     val_dice: list[float] = field(default_factory=list)
 
 
-def image_spacing(path: str) -> tuple[list[float], list[int]]:
-    """Voxel spacing and size from the header only (SimpleITK reads no pixels)."""
+def image_spacing(path: str | Sequence[str]) -> tuple[list[float], list[int]]:
+    """Voxel spacing and size from the header only (SimpleITK reads no pixels); per-channel files:
+    the first one's."""
     import SimpleITK as sitk
 
+    if isinstance(path, (list, tuple)):
+        path = path[0]
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
@@ -97,18 +100,24 @@ def new_config(
     **overrides,
 ) -> SegDiffConfig:
     """The config of a new model for ``items``: the library's default widths (MONAI's UNet family
-    for the baseline), no attention, spacing and patch size chosen from the data."""
+    for the baseline), no attention, spacing and patch size chosen from the data. Image channels and
+    dimensionality come from the first image: 2D images give a 2D model without slice context."""
     from .segmenter import load_image
 
     channels = list(channels or ([16, 32, 64, 128] if network == "unet" else SegDiffConfig().channels))
+    first = load_image(items[0]["image"])
+    image_dims = first.ndim - 1
+    if image_dims == 2 and spatial_dims != 2:
+        raise ValueError(f"the images are 2D ({items[0].get('id', items[0]['image'])}): use spatial_dims 2")
+    context = overrides.pop("context", 1)
     return SegDiffConfig(
-        labels=list(labels), network=network, spatial_dims=spatial_dims,
-        context=overrides.pop("context", 1) if spatial_dims == 2 else 0,
+        labels=list(labels), network=network, spatial_dims=spatial_dims, image_dims=image_dims,
+        context=context if spatial_dims == 2 and image_dims == 3 else 0,
         channels=channels, attention_levels=[False] * len(channels),
         norm_num_groups=16 if all(c % 16 == 0 for c in channels) else 8,
         spacing=list(spacing or auto_spacing(items, spatial_dims)),
         roi_size=list(roi_size or auto_roi(items, spatial_dims, 2 ** (len(channels) - 1))),
-        image_channels=int(load_image(items[0]["image"]).shape[0]),
+        image_channels=int(first.shape[0]),
         **overrides,
     )
 
@@ -137,17 +146,18 @@ def load_cases(
         img = d["image"].as_tensor().float()
         if img.shape[0] != cfg.image_channels:
             raise InputError(f"{item['image']} has {img.shape[0]} channels, expected {cfg.image_channels}")
-        if img.ndim == 3:  # 2D image: a one-slice volume
-            img = img[..., None]
         labels = torch.cat([d[k].as_tensor() for k in keys]).to(torch.uint8)
-        if labels.ndim == 3:
-            labels = labels[..., None]
-        out.append((img, labels))
+        out.append((img, labels))  # 2D images stay [C, X, Y]: sampled and segmented whole
     return out
 
 
 def validation_dice(net: nn.Module, cfg: SegDiffConfig, cases, num_samples: int = 2, steps: int | None = None) -> float:
-    """Mean foreground Dice of the fused few-step ensemble on preprocessed cases."""
+    """Foreground Dice of the fused few-step ensemble on preprocessed cases, pooled over the cases
+    per label (global Dice: summed overlaps / summed sizes), then averaged over labels.
+
+    Pooling keeps model selection stable: with per-case Dice a few false-positive voxels of a small
+    label in a case without it flip that case's score from 1 to 0 (seen as 0.65 -> 0.41 swings
+    between fine-tuning epochs on the phantoms, whose lesion is absent in some cases)."""
     if not cases:
         return float("nan")
     sampler = build_sampler(cfg, steps=steps)
@@ -156,11 +166,14 @@ def validation_dice(net: nn.Module, cfg: SegDiffConfig, cases, num_samples: int 
         roi_size=cfg.roi_size if cfg.spatial_dims == 3 else None, seed=0,
     )
     net.eval()
-    scores = []
+    overlap, size = np.zeros(cfg.num_classes - 1), np.zeros(cfg.num_classes - 1)
     for img, labels in cases:
-        pred = inferer(img, net).probs.argmax(0)
-        scores.append(float(np.nanmean(metrics.dice_per_label(pred, labels[0].long(), cfg.num_classes))))
-    return float(np.mean(scores))
+        pred, ref = inferer(img, net).probs.argmax(0), labels[0].long()
+        for c in range(1, cfg.num_classes):
+            overlap[c - 1] += float(((pred == c) & (ref == c)).sum())
+            size[c - 1] += float((pred == c).sum() + (ref == c).sum())
+    dice = np.where(size > 0, 2 * overlap / np.maximum(size, 1), 1.0)  # absent everywhere: correct
+    return float(dice.mean())
 
 
 def train(
@@ -183,11 +196,24 @@ def train(
     callback: Callable[[dict], None] | None = None,
     resume: str | Path | None = None,
     ema_decay: float = 0.995,
+    warmup_steps: int | None = None,
+    save_state: bool = False,
+    options: dict | None = None,
 ) -> TrainResult:
     """Train ``cfg.network`` on labelled ``train_items``; write the best checkpoint to ``output``.
 
     Stops after ``epochs`` or ``max_minutes`` (whichever comes first; at least one is needed).
     ``callback`` receives a dict of stats after every epoch (for TensorBoard, MONAI Label status).
+
+    Fine-tuning (``init_state`` without ``resume``) ramps the learning rate up linearly over
+    ``warmup_steps`` (default: 100) and starts the weight average from the given weights: a fresh
+    Adam at full rate moves every weight of a trained model by ~lr per step in the first steps,
+    which dropped validation Dice from 0.65 to 0.43 in one epoch before this warm-up.
+
+    ``save_state`` writes ``<output>.state`` after every epoch (``config.training_state_path``: raw and
+    averaged weights, optimiser, scheduler, epoch, step, best score, random generators and the
+    caller's plain-type ``options``); ``resume=<checkpoint>`` continues from it exactly, as if the run
+    had not stopped (without the state file, from the checkpoint's weights and optimiser, if any).
     """
     if epochs is None and max_minutes is None:
         raise ValueError("give epochs or max_minutes")
@@ -195,12 +221,18 @@ def train(
         raise InputError("no labelled case to train on")
     torch.manual_seed(seed)
     use_raters = cfg.network == "cimd" if use_raters is None else use_raters
-    start_epoch, step, opt_state = 0, 0, None
+    start_epoch, step, opt_state, saved = 0, 0, None, None
+    save_state = save_state or bool(cfg.extra.get("keep_optimizer"))
     if resume is not None:
         init_state, cfg_r, rest = load_checkpoint(resume)
         cfg = cfg_r
         start_epoch, step = int(rest.get("epoch", 0)), int(rest.get("step", 0))
         opt_state = rest.get("optimizer")
+        saved = _load_state(resume)
+        if saved is not None:
+            best_saved, init_state, opt_state = init_state, saved["model"], None
+            start_epoch, step = int(saved["epoch"]), int(saved["step"])
+            warmup_steps = saved["warmup_steps"] if warmup_steps is None else warmup_steps
     net = build_network(cfg).to(device)
     if init_state is not None:
         net.load_state_dict(init_state)
@@ -209,23 +241,49 @@ def train(
     sampler = PatchSampler(train_cases, cfg, seed=seed)
     objective = DiffusionObjective(cfg, weight_fn=_weight_fn(cfg)) if cfg.is_diffusion else None
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    # exponential moving average of the weights, used for validation and saved (Ho et al. 2020)
-    ema = torch.optim.swa_utils.AveragedModel(net, avg_fn=_ema(ema_decay), use_buffers=True)
+    fine_tune = bool(saved["fine_tune"]) if saved is not None else init_state is not None and resume is None
+    if warmup_steps is None:
+        warmup_steps = 100 if fine_tune else 0
+    # exponential moving average of the weights, used for validation and saved (Ho et al. 2020);
+    # when fine-tuning, the average starts from the trained weights instead of warming up from them
+    ema = torch.optim.swa_utils.AveragedModel(
+        net, avg_fn=_ema(ema_decay, offset=100 if fine_tune else 0), use_buffers=True
+    )
     if opt_state is not None:
         opt.load_state_dict(opt_state)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup_steps) if warmup_steps else 1.0)
+    if saved is not None:  # after the scheduler, whose first step rewrites the learning rate
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        ema.load_state_dict(saved["ema"])
     if iterations_per_epoch is None:
-        n_slices = sum(img.shape[-1] for img, _ in train_cases) if cfg.spatial_dims == 2 else 8 * len(train_cases)
+        n_slices = (sum(img.shape[-1] if img.ndim == 4 else 1 for img, _ in train_cases) if cfg.spatial_dims == 2
+                    else 8 * len(train_cases))
         iterations_per_epoch = int(min(200, max(20, math.ceil(n_slices / batch_size))))
     gen = torch.Generator().manual_seed(seed)
+    if saved is not None:
+        _set_rng_states(saved["rng"], gen, sampler)
     t0 = time.perf_counter()
     deadline = None if max_minutes is None else t0 + 60 * max_minutes
     total = epochs if epochs is not None else 10**9
     result = TrainResult(str(output) if output else None, 0, step, 0.0, -1.0, -1)
     best_state = None
+    if saved is not None and output is not None and Path(output).resolve() == Path(resume).resolve():
+        # same model file: a resumed epoch replaces it only if it beats the best so far
+        result.best_dice, result.best_epoch, best_state = float(saved["best_dice"]), int(saved["best_epoch"]), best_saved
 
     def save(state: dict, epoch: int) -> None:
         if output is not None:
             save_checkpoint(output, state, cfg, epoch=epoch, step=step, best_dice=result.best_dice)
+
+    def save_training_state(epoch: int) -> None:
+        if output is not None and save_state:
+            save_checkpoint(
+                training_state_path(output), net.state_dict(), cfg, ema=ema.state_dict(), optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(), epoch=epoch, step=step, best_dice=result.best_dice,
+                best_epoch=result.best_epoch, warmup_steps=warmup_steps, fine_tune=fine_tune,
+                rng=_rng_states(gen, sampler), options=dict(options or {}),
+            )
 
     bar = None
     if progress:
@@ -247,6 +305,7 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
+            sched.step()
             ema.update_parameters(net)
             step += 1
             losses.append(float(loss.detach()))
@@ -267,6 +326,7 @@ def train(
             result.best_dice, result.best_epoch = score, epoch
             best_state = {k: v.detach().clone() for k, v in ema.module.state_dict().items()}
             save(best_state, epoch)
+        save_training_state(epoch)
         if callback is not None:
             callback({"epoch": epoch, "step": step, "loss": result.losses[-1], "val_dice": dice,
                       "best_dice": result.best_dice, "seconds": time.perf_counter() - t0})
@@ -274,20 +334,19 @@ def train(
             break
     if bar is not None:
         bar.close()
-    if output is not None and (resume is not None or cfg.extra.get("keep_optimizer")):
-        save_checkpoint(output, best_state or ema.module.state_dict(), cfg, epoch=epoch, step=step,
-                        best_dice=result.best_dice, optimizer=opt.state_dict())
     result.epochs, result.steps, result.seconds = epoch - start_epoch, step, time.perf_counter() - t0
     if not val_cases:
         result.best_dice = float("nan")
     return result
 
 
-def _ema(decay: float):
-    """EMA update with a warm-up, so short runs are not dominated by the random initialisation."""
+def _ema(decay: float, offset: int = 0):
+    """EMA update with a warm-up, so short runs are not dominated by the random initialisation;
+    ``offset`` skips part of the warm-up (fine-tuning starts from weights worth keeping)."""
 
     def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        d = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
+        n = float(num_averaged) + offset
+        d = min(decay, (1 + n) / (10 + n))
         return d * averaged + (1 - d) * current
 
     return avg
@@ -300,3 +359,24 @@ def _weight_fn(cfg: SegDiffConfig):
     from .losses import BoundaryWeights
 
     return BoundaryWeights(cfg.train_timesteps, **cfg.extra.get("boundary_loss_args", {}))
+
+
+def _load_state(checkpoint: str | Path) -> dict | None:
+    """The resume state beside ``checkpoint`` (``rest`` of the state file plus its raw weights), or None."""
+    path = training_state_path(checkpoint)
+    if not path.is_file():
+        return None
+    model, _cfg, rest = load_checkpoint(path)
+    return {**rest, "model": model}
+
+
+def _rng_states(gen: torch.Generator, sampler: PatchSampler) -> dict:
+    """Random-generator states as tensors and plain types (``torch.load(weights_only=True)``)."""
+    return {"torch": torch.get_rng_state(), "objective": gen.get_state(),
+            "sampler": json.dumps(sampler.rng.bit_generator.state)}  # numpy's 128-bit ints as text
+
+
+def _set_rng_states(states: dict, gen: torch.Generator, sampler: PatchSampler) -> None:
+    torch.set_rng_state(states["torch"])
+    gen.set_state(states["objective"])
+    sampler.rng.bit_generator.state = json.loads(states["sampler"])

@@ -1,6 +1,13 @@
 """Transforms for diffusion segmentation: loading and resampling (MONAI), intensity normalisation
 that works for CT and MRI without per-scan tuning, masks <-> one-hot in [-1, 1], and foreground-aware
-2D-slice / 3D-patch sampling from preprocessed volumes."""
+2D-slice / 2D-image / 3D-patch sampling from preprocessed volumes.
+
+2D images (PNG/JPG/BMP) are read by MONAI's ``PILReader`` (axes swapped to MONAI's (x, y) order, as
+every MONAI reader): RGB gives 3 image channels, grayscale 1 (alpha and palettes are dropped); masks
+keep their pixel values (or palette indices). A mask whose values are only 0 and 255 -- the usual way
+a binary mask is saved as an 8-bit picture -- is read as 0/1. A multi-channel case given as several
+files (one per channel) is stacked into channels by ``LoadImaged``.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
     Spacingd,
 )
+
+from monai.data import PILReader
 
 from .config import SegDiffConfig
 
@@ -46,7 +55,10 @@ class CheckFinited(MapTransform):
 
 
 class CheckLabelsd(MapTransform):
-    """Reject labels with values outside ``0..num_classes-1`` or a grid other than the image's."""
+    """Reject labels with values outside ``0..num_classes-1`` or a grid other than the image's.
+
+    A label holding only the values 0 and 255 (a binary mask saved as an 8-bit picture) becomes 0/1.
+    """
 
     def __init__(self, keys: Sequence[str], num_classes: int, image_key: str = "image") -> None:
         super().__init__(keys, allow_missing_keys=True)
@@ -60,12 +72,22 @@ class CheckLabelsd(MapTransform):
                 raise InputError(
                     f"{key} shape {tuple(lab.shape[1:])} does not match image shape {tuple(d[self.image_key].shape[1:])}"
                 )
-            values = torch.unique(lab.round())
+            lab = binary_255_as_01(lab.round()) if self.num_classes <= 255 else lab.round()
+            values = torch.unique(lab)
             bad = [int(v) for v in values if v < 0 or v >= self.num_classes]
             if bad:
                 raise InputError(f"{key} has values {bad} outside the label set 0..{self.num_classes - 1}")
-            d[key] = lab.round()
+            d[key] = lab
         return d
+
+
+def binary_255_as_01(label: torch.Tensor) -> torch.Tensor:
+    """A mask holding only the values 0 and 255 (a binary mask saved as an 8-bit picture) -> 0/1;
+    any other mask unchanged."""
+    values = torch.unique(label)
+    if values.numel() and int(values.max()) == 255 and set(values.tolist()) <= {0.0, 255.0}:
+        return label / 255
+    return label
 
 
 def intensity_transform(cfg: SegDiffConfig, keys: Sequence[str] = ("image",)) -> MapTransform:
@@ -79,32 +101,58 @@ def intensity_transform(cfg: SegDiffConfig, keys: Sequence[str] = ("image",)) ->
     )
 
 
-def load_transforms(keys: Sequence[str]) -> list:
-    return [
-        LoadImaged(keys, image_only=True, allow_missing_keys=True),
+def picture_as_image(img):
+    """PIL converter for images: RGB or grayscale (alpha, palettes, CMYK ... converted)."""
+    if img.mode in ("RGB", "L", "I", "I;16", "F"):
+        return img
+    return img.convert("L" if img.mode in ("1", "LA", "La") else "RGB")
+
+
+def picture_as_label(img):
+    """PIL converter for masks: one value per pixel (palette indices kept; RGB/alpha -> gray)."""
+    if img.mode in ("L", "P", "I", "I;16", "F"):
+        return img
+    return img.convert("L")
+
+
+def load_transforms(keys: Sequence[str], image_key: str = "image") -> list:
+    """Files -> float MetaTensors ``[C, *spatial]``; pictures through ``PILReader`` (see the module doc)."""
+    label_keys = [k for k in keys if k != image_key]
+    steps = [LoadImaged([image_key], PILReader(picture_as_image), image_only=True, allow_missing_keys=True)]
+    if label_keys:
+        steps += [LoadImaged(label_keys, PILReader(picture_as_label), image_only=True, allow_missing_keys=True)]
+    return steps + [
         EnsureChannelFirstd(keys, allow_missing_keys=True),
         EnsureTyped(keys, dtype=torch.float32, allow_missing_keys=True, track_meta=True),
     ]
 
 
-def spatial_transforms(cfg: SegDiffConfig, image_key: str = "image", label_keys: Sequence[str] = ()) -> list:
-    """RAS orientation and resampling to ``cfg.spacing`` (<= 0 keeps the image's own spacing)."""
+def spatial_transforms(
+    cfg: SegDiffConfig, image_key: str = "image", label_keys: Sequence[str] = (), image_dims: int | None = None
+) -> list:
+    """RAS orientation and resampling to ``cfg.spacing`` (<= 0 keeps the image's own spacing), on the
+    first ``image_dims`` axes (default ``cfg.image_dims``: 2 for 2D images, 3 for volumes)."""
     keys = [image_key, *label_keys]
     modes = ["bilinear"] + ["nearest"] * len(label_keys)
-    if cfg.spatial_dims == 2 and cfg.extra.get("image_2d", False):
-        return []
+    dims = cfg.image_dims if image_dims is None else image_dims
     return [
-        Orientationd(keys, axcodes="RAS", allow_missing_keys=True),
-        Spacingd(keys, pixdim=cfg.spacing, mode=modes, allow_missing_keys=True),
+        Orientationd(keys, axcodes="RAS"[:dims], allow_missing_keys=True),
+        Spacingd(keys, pixdim=cfg.spacing[:dims], mode=modes, allow_missing_keys=True),
     ]
 
 
-def preprocess_transforms(cfg: SegDiffConfig, label_keys: Sequence[str] = (), load: bool = True) -> Compose:
-    """Image (and labels) file -> RAS, resampled, normalised MetaTensors ``[C, *spatial]``."""
+def preprocess_transforms(
+    cfg: SegDiffConfig, label_keys: Sequence[str] = (), load: bool = True, image_dims: int | None = None
+) -> Compose:
+    """Image (and labels) file -> RAS, resampled, normalised MetaTensors ``[C, *spatial]``.
+
+    ``image_dims`` (default ``cfg.image_dims``) is the dimensionality of the input: 2D images are
+    oriented and resampled in-plane only and kept 2D (no slicing); volumes in 3D.
+    """
     keys = ["image", *label_keys]
     steps = load_transforms(keys) if load else []
     steps += [CheckFinited(["image"])]
-    steps += spatial_transforms(cfg, "image", label_keys)
+    steps += spatial_transforms(cfg, "image", label_keys, image_dims)
     steps += [CheckLabelsd(label_keys, cfg.num_classes)] if label_keys else []
     steps += [intensity_transform(cfg)]
     return Compose(steps)
@@ -134,13 +182,15 @@ def _pad_to(x: torch.Tensor, size: Sequence[int], value: float) -> torch.Tensor:
 class PatchSampler:
     """Random training samples from preprocessed volumes held in memory.
 
-    2D: a slice (with ``context`` neighbours as channels) cropped to ``roi_size`` in-plane; 3D: a
-    patch of ``roi_size``. A share ``foreground_fraction`` of samples is centred on a random
-    foreground voxel (as MONAI's ``RandCropByPosNegLabeld``); the rest anywhere.
+    2D: a slice (with ``context`` neighbours as channels) cropped to ``roi_size`` in-plane, or a crop
+    of a 2D image (``[C, X, Y]``, no slicing); 3D: a patch of ``roi_size``. A share ``foreground_fraction`` of samples is centred on a voxel of a
+    foreground class drawn uniformly among the classes present in the case (as MONAI's
+    ``RandCropByLabelClassesd``), so a small class such as a lesion is seen as often as a large
+    organ; the rest anywhere.
 
     Args:
-        volumes: ``[(image [C, X, Y, Z], labels [R, X, Y, Z])]``; R label maps per case (final and
-            raters), one drawn at random per sample.
+        volumes: ``[(image [C, X, Y, Z], labels [R, X, Y, Z])]`` (2D images: ``[C, X, Y]``,
+            ``[R, X, Y]``); R label maps per case (final and raters), one drawn at random per sample.
         cfg: sizes, context and foreground share.
         seed: seed of the sampler's own generator.
     """
@@ -150,13 +200,18 @@ class PatchSampler:
             raise InputError("no labelled volume to train on")
         self.volumes, self.cfg = volumes, cfg
         self.rng = np.random.default_rng(seed)
-        self.fg = [torch.nonzero(lab.amax(0) > 0).numpy() for _, lab in volumes]
+        # per case, per present foreground class: voxel indices of that class in any label map
+        self.fg = [
+            [idx for c in range(1, cfg.num_classes) if len(idx := torch.nonzero((lab == c).any(0)).numpy())]
+            for _, lab in volumes
+        ]
 
     def _centre(self, i: int) -> np.ndarray:
         shape = np.array(self.volumes[i][0].shape[1:])
-        if len(self.fg[i]) and self.rng.random() < self.cfg.foreground_fraction:
-            return self.fg[i][self.rng.integers(len(self.fg[i]))]
-        return (self.rng.random(3) * shape).astype(int)
+        if self.fg[i] and self.rng.random() < self.cfg.foreground_fraction:
+            idx = self.fg[i][self.rng.integers(len(self.fg[i]))]
+            return idx[self.rng.integers(len(idx))]
+        return (self.rng.random(len(shape)) * shape).astype(int)
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image [B, C', *roi], label [B, 1, *roi])``."""
@@ -166,7 +221,7 @@ class PatchSampler:
             img, lab = self.volumes[i]
             lab = lab[int(self.rng.integers(lab.shape[0]))][None]
             centre = self._centre(i)
-            if self.cfg.spatial_dims == 2:
+            if self.cfg.spatial_dims == 2 and img.ndim == 4:  # a volume: one slice; a 2D image is used whole
                 img, lab = self._slice(img, lab, int(centre[2]))
                 centre = centre[:2]
             img, lab = self._crop(img, lab, centre)
