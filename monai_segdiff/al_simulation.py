@@ -206,13 +206,13 @@ def case_scores(seg: Segmenter, items: Sequence[dict]) -> dict[str, dict]:
     import numpy as np
 
     from . import metrics
-    from .segmenter import load_image
+    from .segmenter import load_label
 
     out = {}
     k = seg.cfg.num_classes
     for item in items:
         pred = seg(item["image"])
-        truth = load_image(item["label"])[0].round().long()
+        truth = load_label(item["label"])[0].long()
         dice = metrics.dice_per_label(pred.label[0].long(), truth, k)
         out[item["id"]] = {"score": float(pred.stats["case_score"]), "dice": float(np.nanmean(dice))}
     return out
@@ -468,8 +468,18 @@ def cmd_al_simulate(args: argparse.Namespace) -> int:
         steps=args.steps, mc_samples=args.mc_samples, mc_channels=args.mc_channels, device=args.device,
         uncertainty=args.uncertainty,
     )
-    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    result = simulate(args.studies, settings, args.report, progress=False, log=log)
+    log, bar = None, None
+    if not args.quiet:  # one line per round above a bar over all rounds (each training keeps quiet)
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(settings.seeds) * (1 + len(settings.strategies) * settings.rounds), desc="al-simulate",
+                   unit="round")
+        log = lambda msg: (bar.write(msg, file=sys.stderr), bar.update(1))  # noqa: E731
+    try:
+        result = simulate(args.studies, settings, args.report, progress=False, log=log)
+    finally:
+        if bar is not None:
+            bar.close()
     print(summary_text(result))
     return 0
 

@@ -6,6 +6,7 @@ Every error the user can cause is one line on stderr and a non-zero exit, never 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import time
@@ -22,7 +23,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "prediction_type": "sample", "steps": 4, "samples": 5, "intensity": "percentile", "seed": 0,
     "init": None, "resume": None, "iterations_per_epoch": None, "device": "cpu", "use_raters": None,
     "anchor": False, "boundary_loss": None, "extra": None,
+    "studies": None, "output": None, "postprocess": None, "quiet": False, "tensorboard": None,
 }
+# never taken over from the run that --resume continues (its other options are, unless given again)
+RESUME_OWN = ("studies", "output", "resume", "init", "quiet")
 
 
 def _ints(text: str) -> list[int]:
@@ -33,14 +37,24 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
+def _postprocess(text: str) -> list[str]:
+    from .postprocess import parse_postprocess
+
+    try:
+        return parse_postprocess(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segdiff", description="Diffusion segmentation with uncertainty on MONAI.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model on a studies folder")
-    t.add_argument("--studies", required=True, help="MONAI Label studies folder (images, labels/final/)")
-    t.add_argument("--output", required=True, help="checkpoint file to write (.pt)")
-    t.add_argument("--config", help="YAML file with any of these options (command line overrides it)")
+    t.add_argument("--studies", help="MONAI Label studies folder (images, labels/final/); required here or in --config")
+    t.add_argument("--output", help="checkpoint file to write (.pt), plus <output>.state for --resume; required")
+    t.add_argument("--config", help="YAML file with any of these options, e.g. 'batch_size: 8' (the command line "
+                   "overrides it)")
     t.add_argument("--network", choices=["concat", "medsegdiff", "dermosegdiff", "cimd", "unet"])
     t.add_argument("--epochs", type=int)
     t.add_argument("--max-minutes", type=float)
@@ -63,19 +77,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--boundary-loss", action="store_true", default=None,
                    help="DermoSegDiff boundary-aware loss weights (on by default for dermosegdiff)")
     t.add_argument("--init", help="checkpoint to fine-tune from")
-    t.add_argument("--resume", help="checkpoint to continue (weights, optimiser, step, config)")
+    t.add_argument("--postprocess", type=_postprocess,
+                   help="default clean-up of the model's masks: median,largest_component,fill_holes")
+    t.add_argument("--resume", help="checkpoint to continue exactly from its <checkpoint>.state (weights, EMA, "
+                   "optimiser, step, config, options); --epochs / --max-minutes then count from there")
     t.add_argument("--device")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", default=None)
+    t.add_argument("--tensorboard", metavar="DIR",
+                   help="TensorBoard event files (loss, validation Dice, lr per epoch); "
+                   "default <output folder>/runs/<name>-<time>; 'none' writes none")
 
     i = sub.add_parser("infer", help="segment one image with uncertainty")
     i.add_argument("--model", required=True)
-    i.add_argument("--image", required=True)
+    i.add_argument("--image", required=True, nargs="+",
+                   help="image file (NIfTI, NRRD, PNG, JPG ...), or one file per channel in channel order")
     i.add_argument("--output", required=True, help="output folder")
+    i.add_argument("--seg-nrrd", action="store_true",
+                   help="also write <name>.seg.nrrd, a 3D Slicer segmentation with one named segment per label")
+    i.add_argument("--nifti", action="store_true",
+                   help="2D pictures: also write the mask and the uncertainty map as NIfTI (default: PNG only)")
     i.add_argument("--samples", type=int)
     i.add_argument("--steps", type=int)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--method", choices=["ddim", "ddpm"], default="ddim")
     i.add_argument("--uncertainty", choices=["entropy", "mutual_information", "variance", "disagreement"])
+    i.add_argument("--postprocess", type=_postprocess,
+                   help="clean-up of the fused mask: median,largest_component,fill_holes or none "
+                   "(default: the model's)")
     i.add_argument("--device", default="cpu")
     i.add_argument("--quiet", action="store_true")
     b = sub.add_parser("bench", help="performance comparisons (JSON with ratios, printed as a table)")
@@ -86,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", help="JSON file to write")
     add_evaluate_parser(sub)
     add_al_parser(sub)
+    x = sub.add_parser("export-bundle", help="write a MONAI Bundle that `python -m monai.bundle run` executes")
+    x.add_argument("--model", required=True, help="checkpoint (.pt)")
+    x.add_argument("--output", required=True, help="bundle folder to create (new or empty)")
+    x.add_argument("--name", help="bundle name (default segdiff_<network>)")
     return p
 
 
@@ -93,25 +125,85 @@ class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
-def _train_options(args: argparse.Namespace) -> dict[str, Any]:
-    opts = dict(TRAIN_DEFAULTS)
-    if args.config:
-        import yaml
+def _train_actions() -> dict[str, argparse.Action]:
+    """The ``train`` options by name (what a YAML config may set besides the YAML-only ones)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a for a in sub.choices["train"]._actions if a.dest not in ("help", "config")}
 
-        path = Path(args.config)
-        if not path.is_file():
-            raise CLIError(f"config file not found: {path}")
+
+def _yaml_value(name: str, value: Any, action: argparse.Action | None, path: Path) -> Any:
+    """A YAML value converted as its command-line option would be (lists or comma strings)."""
+    if value is None:
+        return None
+    if action is None:  # YAML-only: use_raters, extra
+        kind = dict if name == "extra" else bool
+        if not isinstance(value, kind):
+            raise CLIError(f"{path}: {name} must be a {'mapping' if kind is dict else 'true/false'}, got {value!r}")
+        return value
+    if action.nargs == 0:  # flags
+        if not isinstance(value, bool):
+            raise CLIError(f"{path}: {name} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, (bool, dict)):
+        raise CLIError(f"{path}: invalid {name} {value!r}")
+    text = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    try:
+        out = action.type(text) if action.type else text
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        raise CLIError(f"{path}: invalid {name} {value!r} ({e})") from None
+    if action.choices and out not in action.choices:
+        raise CLIError(f"{path}: {name} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return out
+
+
+def _yaml_options(path: Path) -> dict[str, Any]:
+    """The options of a YAML config file; ``CLIError`` (one line) for anything unusable."""
+    import yaml
+
+    if not path.is_file():
+        raise CLIError(f"config file not found: {path}")
+    try:
         data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise CLIError(f"{path} must hold a mapping of option: value")
-        unknown = sorted(set(k.replace("-", "_") for k in data) - set(opts))
-        if unknown:
-            raise CLIError(f"{path}: unknown option(s) {', '.join(unknown)}")
-        opts.update({k.replace("-", "_"): v for k, v in data.items()})
-    for key in opts:
-        value = getattr(args, key, None)
-        if value is not None:
-            opts[key] = value
+    except yaml.YAMLError as e:
+        raise CLIError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"{path} must hold a mapping of option: value")
+    names = {str(k): str(k).replace("-", "_") for k in data}
+    unknown = [k for k, n in names.items() if n not in TRAIN_DEFAULTS]
+    if unknown:
+        hints = [k + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(names[k], TRAIN_DEFAULTS, 1))
+                 for k in unknown]
+        raise CLIError(f"{path}: unknown option(s) {', '.join(hints)}; see segdiff train --help")
+    actions = _train_actions()
+    return {names[str(k)]: _yaml_value(names[str(k)], v, actions.get(names[str(k)]), path)
+            for k, v in data.items() if v is not None}
+
+
+def _resumed_options(checkpoint: str) -> dict[str, Any]:
+    """The options of the run that wrote ``checkpoint`` (stored in its ``.state`` file)."""
+    from .config import load_checkpoint, training_state_path
+
+    state = training_state_path(checkpoint)
+    if not Path(checkpoint).is_file():
+        raise CLIError(f"checkpoint to resume not found: {checkpoint}")
+    if not state.is_file():
+        raise CLIError(f"no training state {state} to resume from (segdiff train writes it beside its --output); "
+                       f"to fine-tune from the weights alone use --init {checkpoint}")
+    return dict(load_checkpoint(state)[2].get("options") or {})
+
+
+def _train_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults < the resumed run's options < YAML config < command line."""
+    given = _yaml_options(Path(args.config)) if args.config else {}
+    given.update({k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k, None) is not None})
+    opts = dict(TRAIN_DEFAULTS)
+    if given.get("resume"):
+        own = RESUME_OWN + (("epochs", "max_minutes") if {"epochs", "max_minutes"} & set(given) else ())
+        opts.update({k: v for k, v in _resumed_options(given["resume"]).items() if k in opts and k not in own})
+    opts.update(given)
+    for key in ("studies", "output"):
+        if not opts[key]:
+            raise CLIError(f"--{key} is required (on the command line or in the --config file)")
     return opts
 
 
@@ -126,33 +218,55 @@ def cmd_train(args: argparse.Namespace) -> int:
         o["epochs"] = 10
     if o["epochs"] is not None and o["epochs"] < 1:
         raise CLIError(f"--epochs must be >= 1, got {o['epochs']}")
-    items = data.labelled(data.datalist(args.studies))
+    items = data.labelled(data.datalist(o["studies"]))
     if not items:
-        raise CLIError(f"no labelled image in {args.studies} (labels go to labels/final/ with the image's name)")
+        raise CLIError(f"no labelled image in {o['studies']} (labels go to labels/final/ with the image's name)")
     train_items, val_items = data.split(items, o["val_split"] if len(items) > 1 else 0.0, seed=o["seed"])
     init_state = None
     if o["resume"]:
         cfg = load_checkpoint(o["resume"])[1]
     elif o["init"]:
         init_state, cfg, _ = load_checkpoint(o["init"])
+        if (Path(o["studies"]) / "labels.json").is_file() and label_names(o["studies"], items) != cfg.labels:
+            raise CLIError(f"--init {o['init']} has the labels {cfg.labels}, the studies' labels.json "
+                           f"{label_names(o['studies'], items)}: train a new model (without --init) or fix labels.json")
     else:
         cfg = new_config(
-            items, label_names(args.studies, items), network=o["network"], spatial_dims=o["spatial_dims"],
+            items, label_names(o["studies"], items), network=o["network"], spatial_dims=o["spatial_dims"],
             channels=o["channels"], spacing=o["spacing"], roi_size=o["roi_size"], context=o["context"],
             prediction_type=o["prediction_type"], sample_steps=o["steps"], num_samples=o["samples"],
-            intensity=o["intensity"], extra=_extra(o),
+            intensity=o["intensity"], postprocess=o["postprocess"] or [], extra=_extra(o),
         )
-    if not args.quiet:
+    if not o["quiet"]:
         print(f"training {cfg.network} on {len(train_items)} cases (validation {len(val_items)}), "
               f"labels {cfg.labels}, spacing {cfg.spacing}", file=sys.stderr)
-    result = train(
-        cfg, train_items, val_items, output=args.output, epochs=o["epochs"], max_minutes=o["max_minutes"],
-        batch_size=o["batch_size"], lr=o["lr"], iterations_per_epoch=o["iterations_per_epoch"],
-        init_state=init_state, seed=o["seed"], device=o["device"], progress=not args.quiet,
-        resume=o["resume"], use_raters=o["use_raters"],
-    )
+    writer = _tensorboard(o)
+    try:
+        result = train(
+            cfg, train_items, val_items, output=o["output"], epochs=o["epochs"], max_minutes=o["max_minutes"],
+            batch_size=o["batch_size"], lr=o["lr"], iterations_per_epoch=o["iterations_per_epoch"],
+            init_state=init_state, seed=o["seed"], device=o["device"], progress=not o["quiet"],
+            resume=o["resume"], use_raters=o["use_raters"], save_state=True, options=o, callback=writer,
+        )
+    finally:
+        if writer is not None:
+            writer.close()
     print(json.dumps(result.__dict__, indent=2))
     return 0
+
+
+def _tensorboard(o: dict[str, Any]):
+    """The TensorBoard writer of a ``train`` run (None for ``--tensorboard none``); its folder is kept in
+    the options, so ``--resume`` continues the same curves."""
+    from .tracking import TensorBoardCallback, run_dir
+
+    if isinstance(o.get("tensorboard"), str) and o["tensorboard"].strip().lower() == "none":
+        return None
+    if not o.get("tensorboard"):
+        o["tensorboard"] = str(run_dir(Path(o["output"]).parent / "runs", Path(o["output"]).stem))
+    if not o["quiet"]:
+        print(f"TensorBoard: tensorboard --logdir {o['tensorboard']}", file=sys.stderr)
+    return TensorBoardCallback(o["tensorboard"])
 
 
 def _extra(o: dict[str, Any]) -> dict[str, Any]:
@@ -166,25 +280,36 @@ def _extra(o: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from .data import image_id
-    from .io import write_json, write_nifti
+    from .data import case_id
+    from .io import is_picture, write_json, write_prediction
     from .segmenter import Segmenter
 
     t0 = time.perf_counter()
     seg = Segmenter.from_checkpoint(
         args.model, num_samples=args.samples, steps=args.steps, seed=args.seed, method=args.method,
-        device=args.device, progress=not args.quiet, uncertainty=args.uncertainty,
+        device=args.device, progress=not args.quiet, uncertainty=args.uncertainty, postprocess=args.postprocess,
     )
-    pred = seg(args.image)
+    image = args.image[0] if len(args.image) == 1 else args.image  # several files: one per channel
+    pred = seg(image)
     out = Path(args.output)
-    name = image_id(args.image)
-    write_nifti(pred.label, pred.label.affine, out / f"{name}_seg.nii.gz")
-    write_nifti(pred.uncertainty, pred.uncertainty.affine, out / f"{name}_uncertainty.nii.gz")
-    stats = dict(pred.stats, image=str(args.image), model=str(args.model))
+    name = case_id(image)
+    files = write_prediction(pred.label, pred.uncertainty, out, name, picture=is_picture(args.image[0]), nifti=args.nifti,
+                             seg_nrrd=seg.cfg.label_names if args.seg_nrrd else None)
+    stats = dict(pred.stats, image=image, model=str(args.model), outputs={k: f.name for k, f in files.items()})
     stats["timings"]["wall_s"] = time.perf_counter() - t0
     write_json(stats, out / f"{name}.json")
     if not args.quiet:
         print(json.dumps({k: stats[k] for k in ("labels", "case_score", "timings")}, indent=2))
+    return 0
+
+
+def cmd_export_bundle(args: argparse.Namespace) -> int:
+    from .bundle import export_bundle
+
+    out = export_bundle(args.model, args.output, name=args.name)
+    print(f"MONAI Bundle written to {out}; run it with:\n  python -m monai.bundle run --config_file "
+          f"{out}/configs/inference.json --meta_file {out}/configs/metadata.json --bundle_root {out} "
+          f"--dataset_dir IMAGES --output_dir OUT")
     return 0
 
 
@@ -196,6 +321,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": cmd_train, "infer": cmd_infer, "bench": cmd_bench, "evaluate": cmd_evaluate, "al-simulate": cmd_al_simulate,
+    "export-bundle": cmd_export_bundle,
 }
 
 

@@ -31,7 +31,9 @@ class SegDiffConfig:
     Args:
         labels: foreground label names; label value = position + 1, 0 is background.
         network: one of ``NETWORKS``.
-        spatial_dims: 2 runs on slices (2D / 2.5D), 3 on 3D patches.
+        spatial_dims: 2 runs on slices (2D / 2.5D) or on 2D images, 3 on 3D patches.
+        image_dims: the data the model is trained on: 3 = volumes (a 2D model slices them), 2 = 2D images
+            (PNG/JPG, 2D NIfTI) segmented whole, without slicing; needs ``spatial_dims`` 2 and ``context`` 0.
         image_channels: channels of the input image (modalities / RGB).
         context: neighbouring slices on each side added as channels in 2.5D mode.
         channels: feature channels per level of the denoiser.
@@ -56,11 +58,14 @@ class SegDiffConfig:
         foreground_fraction: share of training slices/patches centred on foreground.
         uncertainty: voxel map written by infer (``entropy``, ``mutual_information``, ...).
         fusion: how members are fused into one label map (``mean``, ``vote``, ``staple``).
+        postprocess: default clean-up of the fused mask (``median``, ``largest_component``,
+            ``fill_holes``; see ``monai_segdiff.postprocess``); empty: none.
     """
 
     labels: list[str] = field(default_factory=lambda: ["foreground"])
     network: str = "medsegdiff"
     spatial_dims: int = 2
+    image_dims: int = 3
     image_channels: int = 1
     context: int = 1
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])
@@ -85,6 +90,7 @@ class SegDiffConfig:
     foreground_fraction: float = 0.7
     uncertainty: str = "entropy"
     fusion: str = "mean"
+    postprocess: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -137,10 +143,20 @@ class SegDiffConfig:
             errors.append(f"sample_steps must be in 1..{self.train_timesteps}, got {self.sample_steps}")
         if self.num_samples < 1:
             errors.append(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.image_dims not in (2, 3):
+            errors.append(f"image_dims must be 2 or 3, got {self.image_dims}")
+        elif self.image_dims == 2 and (self.spatial_dims != 2 or self.context != 0):
+            errors.append("2D images (image_dims 2) need spatial_dims 2 and context 0")
         if self.image_channels < 1 or self.context < 0:
             errors.append("image_channels must be >= 1 and context >= 0")
         if len(self.spacing) != 3:
             errors.append("spacing needs 3 values (mm; <= 0 keeps the image's spacing)")
+        try:
+            from .postprocess import parse_postprocess
+
+            self.postprocess = parse_postprocess(self.postprocess)
+        except ValueError as e:
+            errors.append(str(e))
         if errors:
             raise ValueError("; ".join(errors))
 
@@ -206,3 +222,13 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, SegDiffConfig, dict]
         raise CheckpointError(f"checkpoint {path} has an invalid config: {e}") from e
     rest = {k: v for k, v in payload.items() if k not in ("model", "config")}
     return payload["model"], config, rest
+
+
+def training_state_path(checkpoint: str | os.PathLike) -> Path:
+    """The resume state kept beside a checkpoint: ``<checkpoint>.state``.
+
+    It has the checkpoint format (``model`` = the raw, not averaged, weights) plus ``ema``,
+    ``optimizer``, ``scheduler``, ``epoch``, ``step``, best score and random-generator states, so the
+    model file itself stays small (weights + config) for shipping and serving.
+    """
+    return Path(f"{os.fspath(checkpoint)}.state")

@@ -12,16 +12,42 @@ A studies folder uses MONAI Label's local datastore layout::
 
 The datalist is a list of dicts ``{"id", "image", "label"?, "raters"?}`` with absolute path strings,
 ready for MONAI dictionary transforms. No ``monailabel`` import here: the CLI and the app share it.
+
+**2D images.** PNG / JPG (RGB -> 3 image channels, grayscale -> 1) and 2D NIfTI are images like any
+other; a model trained on them segments 2D images whole (no slicing). Masks hold the label values
+0, 1, 2, ... (8-bit PNG, one gray value or palette index per pixel); a mask with only the values 0 and
+255 -- the usual binary mask -- is read as 0/1. Save masks as PNG, never JPG (lossy compression
+changes values along the edges).
+
+**Multi-channel images** (several co-registered volumes per case, e.g. MRI sequences) are given
+either as one file with a channel axis (a 4D NIfTI ``X x Y x Z x C``; the only form MONAI Label's
+datastore and the app can serve), or as one file per channel with nnU-Net's naming convention::
+
+    studies/
+        channels.json                  ["flair", "t1ce", "t2"]  (or nnU-Net's {"0": "flair", ...})
+        case_a_0000.nii.gz             channel 0 of case "case_a"
+        case_a_0001.nii.gz             channel 1
+        case_a_0002.nii.gz             channel 2
+        labels/final/case_a.nii.gz     the label is named after the case
+
+The per-channel names are grouped only when ``channels.json`` declares the channels (so numbered single
+images such as ``scan_0001.png`` stay separate cases); every case must then have every channel, and its
+``image`` is the list of channel files in channel order, which ``LoadImaged`` stacks as channels.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import re
 from pathlib import Path
 
 __all__ = [
+    "CHANNELS_FILE",
     "IMAGE_SUFFIXES",
     "DataError",
+    "case_id",
+    "channel_names",
     "datalist",
     "find_label",
     "image_id",
@@ -35,6 +61,8 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg")
 FINAL_TAG = "final"
+CHANNELS_FILE = "channels.json"
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: <case>_<4-digit channel>
 NON_RATER_TAGS = (FINAL_TAG, "original")
 _SEGMENTATION_SUFFIX = ".seg.nrrd"
 
@@ -84,6 +112,64 @@ def image_id(path: str | Path) -> str:
     return Path(name).stem
 
 
+def case_id(image: str | Path | list[str] | tuple[str, ...]) -> str:
+    """Case id of an image file (:func:`image_id`) or of a list of per-channel files (the first file's
+    id without its ``_0000`` channel suffix)."""
+    if isinstance(image, (list, tuple)):
+        if len(image) == 1:
+            return image_id(image[0])
+        first = image_id(image[0])
+        match = _CHANNEL_FILE.match(first)
+        return match.group("case") if match else first
+    return image_id(image)
+
+
+def channel_names(studies: str | Path) -> list[str]:
+    """Channel names declared in ``<studies>/channels.json`` (a list, or nnU-Net's ``{"0": name}``);
+    ``[]`` without the file (then every image file is a case of its own)."""
+    path = _studies_dir(studies) / CHANNELS_FILE
+    if not path.is_file():
+        return []
+    try:
+        raw = json.loads(path.read_text())
+        if isinstance(raw, dict):
+            raw = [raw[k] for k in sorted(raw, key=int)]
+        names = [str(n) for n in raw]
+    except (ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{path} must list the channel names, e.g. [\"flair\", \"t1\"]: {e}") from e
+    if not names:
+        raise DataError(f"{path} lists no channel")
+    return names
+
+
+def _cases(root: Path, images: list[Path]) -> list[tuple[str, Path | list[Path]]]:
+    """``(case id, image file or per-channel files)``; channel files grouped when channels are declared."""
+    channels = channel_names(root)
+    if not channels:
+        return [(image_id(p), p) for p in images]
+    groups: dict[str, dict[int, Path]] = {}
+    for p in images:
+        match = _CHANNEL_FILE.match(image_id(p))
+        case, channel = (match.group("case"), int(match.group("channel"))) if match else (image_id(p), -1)
+        if case in groups and (channel in groups[case] or channel == -1 or -1 in groups[case]):
+            raise DataError(f"{root}: more than one file for channel {channel} of case {case!r}")
+        groups.setdefault(case, {})[channel] = p
+    out: list[tuple[str, Path | list[Path]]] = []
+    for case, files in sorted(groups.items()):
+        if -1 in files:  # one file holding every channel (e.g. a 4D NIfTI)
+            out.append((case, files[-1]))
+            continue
+        missing = [f"{c:04d}" for c in range(len(channels)) if c not in files]
+        extra = [f"{c:04d}" for c in files if c >= len(channels)]
+        if missing or extra:
+            raise DataError(
+                f"case {case!r} in {root}: {CHANNELS_FILE} declares {len(channels)} channels {channels}; "
+                + (f"missing file(s) {case}_{{{','.join(missing)}}}" if missing else f"unexpected channel(s) {extra}")
+            )
+        out.append((case, [files[c] for c in range(len(channels))]))
+    return out
+
+
 def label_tags(studies: str | Path) -> list[str]:
     """Sub-folders of ``studies/labels``, sorted, with ``final`` first when present."""
     labels = _studies_dir(studies) / "labels"
@@ -123,10 +209,11 @@ def find_label(studies: str | Path, image: str | Path, tag: str = FINAL_TAG) -> 
 
 
 def datalist(studies: str | Path, tag: str = FINAL_TAG, with_raters: bool = True) -> list[dict]:
-    """One dict per image: ``{"id", "image", "label"?, "raters"?}`` with absolute path strings.
+    """One dict per case: ``{"id", "image", "label"?, "raters"?}`` with absolute path strings.
 
-    ``label`` is present only for images labelled under ``tag``; ``raters`` (rater labels in
-    :func:`rater_tags` order, excluding ``tag`` itself) only when ``with_raters`` and at least one exists.
+    ``image`` is one path, or the list of per-channel paths of a case in the per-channel layout (see the
+    module doc). ``label`` is present only for images labelled under ``tag``; ``raters`` (rater labels
+    in :func:`rater_tags` order, excluding ``tag`` itself) only when ``with_raters`` and at least one exists.
     """
     root = _studies_dir(studies)
     images = list_images(root)
@@ -134,8 +221,13 @@ def datalist(studies: str | Path, tag: str = FINAL_TAG, with_raters: bool = True
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in studies folder: {root}")
     raters = [t for t in rater_tags(root) if t != tag] if with_raters else []
     items = []
-    for image in images:
-        item: dict = {"id": image_id(image), "image": str(image.resolve())}
+    for case, files in _cases(root, images):
+        if isinstance(files, list):
+            image = root / f"{case}{_image_suffix(files[0].name)}"  # the name its labels have
+            item: dict = {"id": case, "image": [str(f.resolve()) for f in files]}
+        else:
+            image = files
+            item = {"id": case, "image": str(files.resolve())}
         label = find_label(root, image, tag)
         if label is not None:
             item["label"] = str(label.resolve())

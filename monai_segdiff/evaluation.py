@@ -187,14 +187,14 @@ class Evaluator:
     # -- one case -------------------------------------------------------------------------------
     def working_labels(self, item: dict, pred: Prediction, truth_input: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Truth and rater labels on the grid of ``pred.ensemble`` (the preprocessed grid)."""
-        from .segmenter import load_image
+        from .segmenter import load_label
         from .transforms import InputError, apply, preprocess_transforms
 
         grid = tuple(pred.ensemble.probs.shape[1:])
         raters = list(item.get("raters", []))
         if truth_input.ndim - 1 == 2 or _same_grid(pred.preprocessed, truth_input):
             truth = _as_label(truth_input)
-            refs = [_as_label(load_image(r)) for r in raters]
+            refs = [_as_label(load_label(r)) for r in raters]
         else:
             keys = ["label"] + [f"rater{i}" for i in range(len(raters))]
             d = {"image": item["image"], "label": item["label"], **{f"rater{i}": r for i, r in enumerate(raters)}}
@@ -209,13 +209,13 @@ class Evaluator:
         """Metrics of one labelled item, and the pieces the report pools (histograms, slices)."""
         from . import metrics
         from . import uncertainty as unc
-        from .segmenter import load_image
+        from .segmenter import load_label
         from .transforms import InputError
 
         cfg, k = self.cfg, self.cfg.num_classes
         pred = self.segmenter(item["image"])
         t0 = time.perf_counter()
-        truth_img = load_image(item["label"])
+        truth_img = load_label(item["label"])
         if tuple(truth_img.shape[1:]) != tuple(pred.label.shape[1:]):
             raise InputError(f"{item['id']}: label shape {tuple(truth_img.shape[1:])} does not match image shape "
                              f"{tuple(pred.label.shape[1:])}")

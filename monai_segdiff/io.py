@@ -1,4 +1,8 @@
-"""Atomic writing of images and JSON: a reader never sees a half-written file."""
+"""Atomic writing of images and JSON: a reader never sees a half-written file.
+
+NIfTI for volumes and on request; PNG for 2D label maps (label values 0..K, one gray byte per pixel,
+the layout of ``labels/final``) and for uncertainty heat maps (a matplotlib colour map, RGB).
+"""
 
 from __future__ import annotations
 
@@ -20,11 +24,18 @@ def _atomic(path: Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs are for others to read too
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_nifti(array: torch.Tensor | np.ndarray, affine: torch.Tensor | np.ndarray, path: str | Path) -> Path:
@@ -42,6 +53,80 @@ def write_nifti(array: torch.Tensor | np.ndarray, affine: torch.Tensor | np.ndar
     img = nib.Nifti1Image(arr, aff)
     img.header.set_xyzt_units("mm")
     return _atomic(Path(path), lambda tmp: nib.save(img, tmp))
+
+
+def write_png(array: torch.Tensor | np.ndarray, path: str | Path) -> Path:
+    """Write a 2D ``[1, X, Y]`` / ``[X, Y]`` label map or an RGB ``[3, X, Y]`` picture (uint8) as PNG.
+
+    Arrays use MONAI's (x, y) axis order; MONAI's ``PILWriter`` swaps them back, so the PNG matches a
+    picture read by ``PILReader`` pixel for pixel.
+    """
+    from monai.data import PILWriter
+
+    arr = np.asarray(torch.as_tensor(array).detach().cpu())
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[0] not in (1, 3):
+        raise ValueError(f"write_png needs [1, X, Y] or [3, X, Y], got {arr.shape}")
+    if arr.min() < 0 or arr.max() > 255:
+        raise ValueError(f"write_png needs values in 0..255, got {arr.min()}..{arr.max()}")
+    writer = PILWriter(output_dtype=np.uint8, scale=None)
+    writer.set_data_array(np.rint(arr).astype(np.uint8), channel_dim=0)
+    return _atomic(Path(path), lambda tmp: writer.write(tmp, format="PNG"))
+
+
+def heatmap_rgb(values: torch.Tensor | np.ndarray, cmap: str = "inferno", vmax: float = 1.0) -> np.ndarray:
+    """``[1, X, Y]`` / ``[X, Y]`` values in ``[0, vmax]`` -> ``[3, X, Y]`` uint8 colours of a matplotlib map."""
+    from matplotlib import colormaps
+
+    arr = np.asarray(torch.as_tensor(values).detach().cpu(), dtype=np.float64)
+    arr = arr[0] if arr.ndim == 3 and arr.shape[0] == 1 else arr
+    if arr.ndim != 2:
+        raise ValueError(f"a heat map needs a 2D map, got shape {arr.shape}")
+    rgba = colormaps[cmap](np.clip(np.nan_to_num(arr) / vmax, 0.0, 1.0), bytes=True)
+    return np.moveaxis(rgba[..., :3], -1, 0)
+
+
+def write_heatmap(values: torch.Tensor | np.ndarray, path: str | Path, cmap: str = "inferno") -> Path:
+    """A 2D uncertainty map in [0, 1] as an RGB heat-map PNG (dark: certain, bright: uncertain)."""
+    return write_png(heatmap_rgb(values, cmap), path)
+
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def is_picture(path: str | Path) -> bool:
+    """A 2D picture format (read by ``PILReader``)."""
+    return str(path).lower().endswith(PICTURE_SUFFIXES)
+
+
+def write_prediction(
+    label: torch.Tensor, uncertainty: torch.Tensor, folder: str | Path, name: str, picture: bool = False,
+    nifti: bool = False, cmap: str = "inferno", seg_nrrd: dict[str, int] | None = None,
+) -> dict[str, Path]:
+    """The files of one prediction in ``folder``, by kind (``seg``, ``uncertainty``, ``heatmap``, ...).
+
+    Volumes and 2D NIfTI: ``<name>_seg.nii.gz`` and ``<name>_uncertainty.nii.gz`` (float map).
+    2D pictures (``picture``): ``<name>_seg.png`` (label values 0..K); the NIfTI pair too with ``nifti``.
+    Every 2D image: ``<name>_uncertainty.png``, the uncertainty map as a ``cmap`` heat map.
+    ``label`` / ``uncertainty`` are ``[1, *spatial]`` MetaTensors (their ``affine`` goes to NIfTI).
+    ``seg_nrrd`` (label names ``{name: value}``): also ``<name>.seg.nrrd``, a 3D Slicer segmentation.
+    """
+    folder = Path(folder)
+    files: dict[str, Path] = {}
+    two_d = label.ndim - 1 == 2
+    if picture and two_d:
+        files["seg_png"] = write_png(label, folder / f"{name}_seg.png")
+    if nifti or not (picture and two_d):
+        files["seg"] = write_nifti(label, label.affine, folder / f"{name}_seg.nii.gz")
+        files["uncertainty"] = write_nifti(uncertainty, uncertainty.affine, folder / f"{name}_uncertainty.nii.gz")
+    if two_d:
+        files["heatmap"] = write_heatmap(uncertainty, folder / f"{name}_uncertainty.png", cmap)
+    if seg_nrrd is not None:
+        from .slicer_io import write_seg_nrrd
+
+        files["seg_nrrd"] = write_seg_nrrd(label, label.affine, folder / f"{name}.seg.nrrd", seg_nrrd)
+    return files
 
 
 def write_json(data: Any, path: str | Path) -> Path:

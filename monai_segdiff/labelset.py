@@ -7,8 +7,6 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from .transforms import InputError
 
 
@@ -31,6 +29,7 @@ def label_names(studies: str | Path, items: Sequence[dict] = ()) -> list[str]:
 
 
 def max_label(path: str | Path) -> int:
-    from monai.transforms import LoadImage
+    """Largest value of a label file (a 0/255 picture mask counts as 0/1)."""
+    from .segmenter import load_label
 
-    return int(np.asarray(LoadImage(image_only=True)(str(path))).max())
+    return int(load_label(path).max())

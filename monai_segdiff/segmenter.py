@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from monai.data import MetaTensor
-from monai.transforms import LoadImage, ResampleToMatch
+from monai.transforms import Compose, ResampleToMatch
 from torch import nn
 
 from . import uncertainty as unc
@@ -21,7 +22,11 @@ from .config import SegDiffConfig, load_checkpoint
 from .diffusion.inferer import EnsembleOutput, SegDiffInferer
 from .diffusion.sampler import build_sampler
 from .networks import build_network
-from .transforms import InputError, apply, preprocess_transforms
+from .postprocess import PostProcess
+from .transforms import InputError, apply, binary_255_as_01, load_transforms, preprocess_transforms
+from .validation import check_image_size
+
+ImageFiles = str | Path | Sequence[str | Path]  # one file, or one file per channel
 
 
 @dataclass
@@ -36,16 +41,33 @@ class Prediction:
     stats: dict = field(default_factory=dict)
 
 
-def load_image(path: str | Path) -> MetaTensor:
-    """Read any image MONAI's ``LoadImage`` reads, channel first; ``InputError`` if unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"image not found: {path}")
-    try:
-        img = LoadImage(image_only=True, ensure_channel_first=True)(str(path))
+def _read(path: ImageFiles, key: str) -> MetaTensor:
+    paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    if not paths:
+        raise InputError("no image file given")
+    for p in paths:
+        if not p.is_file():
+            raise InputError(f"image not found: {p}")
+        check_image_size(p)  # from the header: a huge (or decompression-bomb) file is never read
+    names = [str(p) for p in paths]
+    try:  # the readers of training (transforms.load_transforms), so 2D pictures load the same way
+        return Compose(load_transforms([key]))({key: names if len(names) > 1 else names[0]})[key]
     except Exception as e:  # readers raise many types for a broken file
-        raise InputError(f"cannot read image {path}: {str(e).splitlines()[0][:200]}") from e
-    return img
+        cause = e.__cause__ or e
+        raise InputError(f"cannot read image {', '.join(names)}: {str(cause).splitlines()[0][:200]}") from e
+
+
+def load_image(path: ImageFiles) -> MetaTensor:
+    """Read an image channel first, float32: any format MONAI's ``LoadImaged`` reads (PNG/JPG through
+    ``PILReader``: RGB -> 3 channels); several files (one per channel, same grid) are stacked as
+    channels. ``InputError`` if missing or unreadable."""
+    return _read(path, "image")
+
+
+def load_label(path: str | Path) -> MetaTensor:
+    """Read a label map ``[1, *spatial]`` (pictures keep their pixel values; 0/255 masks -> 0/1)."""
+    lab = _read(path, "label")
+    return MetaTensor(binary_255_as_01(lab.round().as_tensor()), meta=lab.meta)
 
 
 def check_image(img: MetaTensor, cfg: SegDiffConfig) -> None:
@@ -56,7 +78,10 @@ def check_image(img: MetaTensor, cfg: SegDiffConfig) -> None:
     if len(spatial) == 2 and cfg.spatial_dims == 3:
         raise InputError("this is a 3D model; the image is 2D")
     if img.shape[0] != cfg.image_channels:
-        raise InputError(f"the model expects {cfg.image_channels} image channel(s), the image has {img.shape[0]}")
+        raise InputError(
+            f"the model expects {cfg.image_channels} image channel(s), the image has {img.shape[0]} "
+            f"(give every channel: a multi-channel file, or one file per channel)"
+        )
     if min(spatial) < 1 or math.prod(spatial) < 8:
         raise InputError(f"image too small: {tuple(spatial)}")
 
@@ -74,6 +99,10 @@ class Segmenter:
         max_batch_pixels: bound on voxels per network call (memory).
         device: torch device.
         progress: progress bars.
+        uncertainty: voxel uncertainty measure (default from the config).
+        threshold: uncertainty above which a voxel counts as uncertain in the statistics.
+        postprocess: clean-up of the fused mask, e.g. ``"largest_component,fill_holes"`` or a list
+            (default from the config; ``"none"`` or ``[]`` turns the config's off).
     """
 
     def __init__(
@@ -89,6 +118,7 @@ class Segmenter:
         progress: bool = False,
         uncertainty: str | None = None,
         threshold: float = 0.5,
+        postprocess: str | list[str] | None = None,
     ) -> None:
         self.cfg, self.device = cfg, torch.device(device)
         self.net = net.to(self.device).eval()
@@ -98,6 +128,10 @@ class Segmenter:
         self.sampler = build_sampler(cfg, steps=steps, method=method)
         self.uncertainty_kind = uncertainty or cfg.uncertainty
         self.threshold = threshold
+        self.postprocess = PostProcess(
+            cfg.postprocess if postprocess is None else postprocess, cfg.num_classes,
+            on_probabilities=cfg.fusion == "mean",
+        )
         self.inferer = SegDiffInferer(
             self._members,
             num_samples=self.num_samples,
@@ -110,7 +144,8 @@ class Segmenter:
             seed=seed,
             progress=progress,
         )
-        self.preprocess = preprocess_transforms(cfg, load=False)
+        # 2D images are preprocessed in-plane and kept 2D; volumes in 3D (sliced by a 2D network later)
+        self.preprocess = {dims: preprocess_transforms(cfg, load=False, image_dims=dims) for dims in (2, 3)}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs) -> "Segmenter":
@@ -126,22 +161,24 @@ class Segmenter:
         """Run the ensemble on an already preprocessed image ``[C, *spatial]``."""
         return self.inferer(preprocessed, self.net)
 
-    def __call__(self, image: str | Path | MetaTensor) -> Prediction:
+    def __call__(self, image: ImageFiles | MetaTensor) -> Prediction:
+        """Segment an image file (or one file per channel) or a loaded ``[C, *spatial]`` image."""
         t0 = time.perf_counter()
-        img = load_image(image) if isinstance(image, (str, Path)) else image
+        img = image if isinstance(image, torch.Tensor) else load_image(image)
         if not isinstance(img, MetaTensor):
             img = MetaTensor(img)
         check_image(img, self.cfg)
-        if img.ndim - 1 == 2 and self.cfg.spatial_dims == 2:
-            pre = self._preprocess_2d(img)
-        else:
-            pre = apply(self.preprocess, {"image": img})["image"]
+        pre = apply(self.preprocess[img.ndim - 1], {"image": img.float()})["image"]
         t1 = time.perf_counter()
         out = self.ensemble(pre)
         t2 = time.perf_counter()
         umap = unc.uncertainty_map(self.uncertainty_kind, out.probs, out.samples, out.expected_entropy)
-        label_pre = unc.fuse(out.probs, out.samples, method=self.cfg.fusion, num_classes=self.cfg.num_classes)
-        label, umap_orig = self._to_input_grid(out.probs, umap, label_pre, pre, img)
+        probs = self.postprocess.smooth(out.probs)
+        label_pre = unc.fuse(probs, out.samples, method=self.cfg.fusion, num_classes=self.cfg.num_classes)
+        label_pre = self.postprocess.clean(label_pre)
+        label, umap_orig = self._to_input_grid(probs, umap, label_pre, pre, img)
+        if self.postprocess:  # resampling to the input grid can bring back specks or holes
+            label = MetaTensor(self.postprocess.clean(label[0], median=False)[None], meta=label.meta)
         t3 = time.perf_counter()
         spacing = [float(s) for s in pre.pixdim[: pre.ndim - 1]] if hasattr(pre, "pixdim") else [1.0]
         stats = {
@@ -152,18 +189,13 @@ class Segmenter:
             ),
             "case_score": unc.case_score(umap, out.probs, out.samples),
             "uncertainty": self.uncertainty_kind,
+            "postprocess": list(self.postprocess.ops),
             "samples": self.num_samples,
             "steps": getattr(self.sampler, "num_evaluations", 1),
             "network": self.cfg.network,
             "timings": {"preprocess_s": t1 - t0, "ensemble_s": t2 - t1, "postprocess_s": t3 - t2, "total_s": t3 - t0},
         }
         return Prediction(label, umap_orig, out, pre, stats)
-
-    def _preprocess_2d(self, img: MetaTensor) -> MetaTensor:
-        from .transforms import CheckFinited, intensity_transform
-
-        d = apply(CheckFinited(["image"]), {"image": img.float()})
-        return intensity_transform(self.cfg)(d)["image"]
 
     def _to_input_grid(self, probs, umap, label_pre, pre: MetaTensor, img: MetaTensor):
         """Resample probabilities and the uncertainty map from the working grid to the input's."""

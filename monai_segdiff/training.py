@@ -4,6 +4,7 @@ Dice + CE for the baseline), validate with few-step samples, keep the best check
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .config import SegDiffConfig, load_checkpoint, save_checkpoint, training_state_path
 from .diffusion.inferer import SegDiffInferer
 from .diffusion.objective import DiffusionObjective, supervised_loss
@@ -237,8 +239,8 @@ def train(
     if init_state is not None:
         net.load_state_dict(init_state)
     train_cases = load_cases(train_items, cfg, use_raters=use_raters, progress=progress)
-    val_cases = load_cases(val_items, cfg, progress=progress) if val_items else []
-    sampler = PatchSampler(train_cases, cfg, seed=seed)
+    val_cases = load_cases(val_items, cfg, progress=progress) if val_items and distributed.is_main() else []
+    sampler = PatchSampler(train_cases, cfg, seed=seed + distributed.rank())  # DDP: other batches per rank
     objective = DiffusionObjective(cfg, weight_fn=_weight_fn(cfg)) if cfg.is_diffusion else None
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     fine_tune = bool(saved["fine_tune"]) if saved is not None else init_state is not None and resume is None
@@ -260,9 +262,11 @@ def train(
         n_slices = (sum(img.shape[-1] if img.ndim == 4 else 1 for img, _ in train_cases) if cfg.spatial_dims == 2
                     else 8 * len(train_cases))
         iterations_per_epoch = int(min(200, max(20, math.ceil(n_slices / batch_size))))
-    gen = torch.Generator().manual_seed(seed)
-    if saved is not None:
+    gen = torch.Generator().manual_seed(seed + distributed.rank())
+    if saved is not None and distributed.is_main():  # the state holds rank 0's; other ranks keep their own seeds
         _set_rng_states(saved["rng"], gen, sampler)
+    # the batch loss as one module: DDP (gradients averaged over ranks) inside a process group
+    model = distributed.wrap(net, functools.partial(step_loss, cfg=cfg, objective=objective, generator=gen), device)
     t0 = time.perf_counter()
     deadline = None if max_minutes is None else t0 + 60 * max_minutes
     total = epochs if epochs is not None else 10**9
@@ -273,11 +277,11 @@ def train(
         result.best_dice, result.best_epoch, best_state = float(saved["best_dice"]), int(saved["best_epoch"]), best_saved
 
     def save(state: dict, epoch: int) -> None:
-        if output is not None:
+        if output is not None and distributed.is_main():
             save_checkpoint(output, state, cfg, epoch=epoch, step=step, best_dice=result.best_dice)
 
     def save_training_state(epoch: int) -> None:
-        if output is not None and save_state:
+        if output is not None and save_state and distributed.is_main():
             save_checkpoint(
                 training_state_path(output), net.state_dict(), cfg, ema=ema.state_dict(), optimizer=opt.state_dict(),
                 scheduler=sched.state_dict(), epoch=epoch, step=step, best_dice=result.best_dice,
@@ -297,10 +301,7 @@ def train(
         for _ in range(iterations_per_epoch):
             image, label = sampler.sample(batch_size)
             image, label = image.to(device), label.to(device)
-            if objective is not None:
-                loss, _logs = objective(net, image, to_onehot_scaled(label, cfg.num_classes), generator=gen)
-            else:
-                loss = supervised_loss(net(image), label)
+            loss = model(image, label)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -312,10 +313,10 @@ def train(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if deadline is not None and time.perf_counter() > deadline:
+            if deadline is not None and distributed.any_rank(time.perf_counter() > deadline):
                 break
         result.losses.append(float(np.mean(losses)))
-        stop = deadline is not None and time.perf_counter() > deadline
+        stop = deadline is not None and distributed.any_rank(time.perf_counter() > deadline)
         last = stop or epoch == start_epoch + total
         dice = float("nan")
         if val_cases and (epoch % val_every == 0 or last):
@@ -327,9 +328,10 @@ def train(
             best_state = {k: v.detach().clone() for k, v in ema.module.state_dict().items()}
             save(best_state, epoch)
         save_training_state(epoch)
-        if callback is not None:
+        if callback is not None and distributed.is_main():
             callback({"epoch": epoch, "step": step, "loss": result.losses[-1], "val_dice": dice,
-                      "best_dice": result.best_dice, "seconds": time.perf_counter() - t0})
+                      "best_dice": result.best_dice, "seconds": time.perf_counter() - t0,
+                      "lr": opt.param_groups[0]["lr"]})
         if stop:
             break
     if bar is not None:
@@ -338,6 +340,16 @@ def train(
     if not val_cases:
         result.best_dice = float("nan")
     return result
+
+
+def step_loss(
+    net: nn.Module, image: torch.Tensor, label: torch.Tensor, cfg: SegDiffConfig,
+    objective: DiffusionObjective | None, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Loss of one batch: the diffusion objective, or Dice + CE for the deterministic baseline."""
+    if objective is not None:
+        return objective(net, image, to_onehot_scaled(label, cfg.num_classes), generator=generator)[0]
+    return supervised_loss(net(image), label)
 
 
 def _ema(decay: float, offset: int = 0):

@@ -11,7 +11,7 @@ files (one per channel) is stacked into channels by ``LoadImaged``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,10 +31,45 @@ from monai.transforms import (
 from monai.data import PILReader
 
 from .config import SegDiffConfig
+from .slicer_io import SegNrrdReader
 
 
 class InputError(ValueError):
     """An image or label that cannot be used, with a one-line reason."""
+
+
+MAX_VOXELS = 2**27  # values of an input file (e.g. 512 x 512 x 512): larger files are refused unread
+MAX_WORKING_VOXELS = 2**26  # voxels x channels after resampling to the model's spacing
+
+
+class CheckGridd(MapTransform):
+    """Refuse an image whose grid after resampling to ``pixdim`` would exceed ``max_voxels`` values
+    (e.g. 0.01 mm voxels resampled to 1.5 mm, or 100 mm voxels to 0.5 mm), before ``Spacingd`` allocates it.
+
+    Args:
+        keys: image keys (MetaTensors ``[C, *spatial]`` in RAS).
+        pixdim: the target spacing given to ``Spacingd`` (<= 0 keeps an axis).
+        max_voxels: bound on channels x voxels of the resampled grid.
+    """
+
+    def __init__(self, keys: Sequence[str], pixdim: Sequence[float], max_voxels: int = MAX_WORKING_VOXELS) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.pixdim, self.max_voxels = list(pixdim), int(max_voxels)
+
+    def __call__(self, data: dict) -> dict:
+        for key in self.key_iterator(data):
+            img = data[key]
+            spacing = [float(s) for s in getattr(img, "pixdim", [1.0] * (img.ndim - 1))]
+            size = float(img.shape[0])
+            for n, have, want in zip(img.shape[1:], spacing, self.pixdim + [-1.0] * img.ndim):
+                size *= n * have / want if want > 0 and have > 0 else n
+            if size > self.max_voxels:
+                raise InputError(
+                    f"{key} {tuple(img.shape[1:])} at spacing {[round(s, 4) for s in spacing]} mm would be "
+                    f"{size:,.0f} voxels resampled to the model's {self.pixdim} mm (limit {self.max_voxels:,}): "
+                    f"check the image's spacing, or crop it"
+                )
+        return data
 
 
 class CheckFinited(MapTransform):
@@ -72,6 +107,8 @@ class CheckLabelsd(MapTransform):
                 raise InputError(
                     f"{key} shape {tuple(lab.shape[1:])} does not match image shape {tuple(d[self.image_key].shape[1:])}"
                 )
+            if self.image_key in d and not _same_affine(lab, d[self.image_key]):
+                raise InputError(f"{key} geometry (origin / spacing / direction) does not match the image's")
             lab = binary_255_as_01(lab.round()) if self.num_classes <= 255 else lab.round()
             values = torch.unique(lab)
             bad = [int(v) for v in values if v < 0 or v >= self.num_classes]
@@ -79,6 +116,15 @@ class CheckLabelsd(MapTransform):
                 raise InputError(f"{key} has values {bad} outside the label set 0..{self.num_classes - 1}")
             d[key] = lab
         return d
+
+
+def _same_affine(a: torch.Tensor, b: torch.Tensor, tolerance: float = 0.01) -> bool:
+    """Two MetaTensors' affines agree within ``tolerance`` of the smallest voxel (True without affines)."""
+    if not (hasattr(a, "affine") and hasattr(b, "affine")) or a.affine.shape != b.affine.shape:
+        return True
+    aff_a, aff_b = a.affine.double(), b.affine.double()
+    voxel = float(torch.linalg.norm(aff_a[:-1, :-1], dim=0).min()) or 1.0
+    return float((aff_a - aff_b).abs().max()) <= tolerance * voxel
 
 
 def binary_255_as_01(label: torch.Tensor) -> torch.Tensor:
@@ -115,12 +161,14 @@ def picture_as_label(img):
     return img.convert("L")
 
 
-def load_transforms(keys: Sequence[str], image_key: str = "image") -> list:
-    """Files -> float MetaTensors ``[C, *spatial]``; pictures through ``PILReader`` (see the module doc)."""
+def load_transforms(keys: Sequence[str], image_key: str = "image", label_names: Mapping[str, int] | None = None) -> list:
+    """Files -> float MetaTensors ``[C, *spatial]``; pictures through ``PILReader`` (see the module doc);
+    Slicer ``.seg.nrrd`` labels through ``slicerio``, segments mapped to ``label_names`` by name."""
     label_keys = [k for k in keys if k != image_key]
     steps = [LoadImaged([image_key], PILReader(picture_as_image), image_only=True, allow_missing_keys=True)]
     if label_keys:
-        steps += [LoadImaged(label_keys, PILReader(picture_as_label), image_only=True, allow_missing_keys=True)]
+        readers = [PILReader(picture_as_label), SegNrrdReader(label_names)]  # the last is tried first
+        steps += [LoadImaged(label_keys, readers, image_only=True, allow_missing_keys=True)]
     return steps + [
         EnsureChannelFirstd(keys, allow_missing_keys=True),
         EnsureTyped(keys, dtype=torch.float32, allow_missing_keys=True, track_meta=True),
@@ -150,9 +198,10 @@ def preprocess_transforms(
     oriented and resampled in-plane only and kept 2D (no slicing); volumes in 3D.
     """
     keys = ["image", *label_keys]
-    steps = load_transforms(keys) if load else []
+    steps = load_transforms(keys, label_names=cfg.label_names) if load else []
     steps += [CheckFinited(["image"])]
-    steps += spatial_transforms(cfg, "image", label_keys, image_dims)
+    spatial = spatial_transforms(cfg, "image", label_keys, image_dims)
+    steps += spatial[:1] + [CheckGridd(["image"], cfg.spacing)] + spatial[1:]  # bound before Spacingd
     steps += [CheckLabelsd(label_keys, cfg.num_classes)] if label_keys else []
     steps += [intensity_transform(cfg)]
     return Compose(steps)

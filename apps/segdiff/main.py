@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 
 import monai_segdiff
 from fastapi import HTTPException
 from lib.configs import SegDiffTaskConfig
-from lib.labels import remap_label_file, value_mapping
+from lib.datastore import SegDiffDICOMWebDatastore
+from lib.labels import present_values, remap_label_file, seg_label_info, value_mapping
+from lib.localstore import SegDiffLocalDatastore, check_tag
 from lib.model import SegDiffAppError
+from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
@@ -30,6 +35,8 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.async_tasks.utils import tasks as background_tasks
 
 logger = logging.getLogger(__name__)
+
+MIN_TRAIN_CASES = 2  # one final label to train on and one held out to validate before publishing
 
 
 class SegDiffApp(MONAILabelApp):
@@ -59,6 +66,26 @@ class SegDiffApp(MONAILabelApp):
     def init_scoring_methods(self):
         return self.task.scoring_method()
 
+    def init_datastore(self):
+        """A local studies folder: MONAI Label's datastore with validated uploads, safe names and atomic
+        writes (``lib/localstore.py``); remote datastores as MONAI Label builds them."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return SegDiffLocalDatastore(
+            self.studies,
+            label_names=self.task.model.label_names,
+            image_channels=lambda: getattr(self.task.model.config(), "image_channels", None),
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_remote_datastore(self):
+        datastore = super().init_remote_datastore()
+        if type(datastore) is DICOMWebDatastore:  # --studies http://.../dicom-web
+            datastore = SegDiffDICOMWebDatastore.adopt(datastore, self.task.model.label_names)
+        return datastore
+
     # -- behaviour on top of MONAILabelApp ------------------------------------------------------
     def info(self):
         meta = super().info()
@@ -74,15 +101,71 @@ class SegDiffApp(MONAILabelApp):
         if model and model not in self._infers:
             raise HTTPException(404, f"no model {model!r}; available: {', '.join(self._infers)}")
         image = request.get("image")
-        if isinstance(image, str) and image and not os.path.exists(image):
-            if not (datastore or self.datastore()).get_image_uri(image):
+        if request.get("save_label") and str(request.get("label_tag", "")) == DefaultLabelTag.FINAL.value:
+            raise HTTPException(409, "an infer result is never saved as the final label (label_tag 'final')")
+        if request.get("label_tag") is not None:
+            check_tag(request.get("label_tag"))
+        if isinstance(image, str) and image and not self._readable_path(image):
+            try:
+                found = (datastore or self.datastore()).get_image_uri(image)
+            except (IndexError, KeyError):  # the DICOMweb datastore's answer to an unknown series
+                found = None
+            if not found:
                 raise HTTPException(404, f"image {image!r} not found in the datastore")
         try:
-            return super().infer(request, datastore)
+            result = super().infer(request, datastore)
         except SegDiffAppError as e:
             raise HTTPException(e.status_code, e.msg) from e
         except MONAILabelException as e:
             raise HTTPException(400 if e.error == MONAILabelError.INVALID_INPUT else 500, e.msg) from e
+        self._describe_segments(request.get("label_info"), result)
+        return result
+
+    def _readable_path(self, image: str) -> bool:
+        """May infer read ``image`` as a file path? In the server only the file MONAI Label's infer
+        endpoint wrote from the request's upload (``<tmp>/tmp*``) or a session's image: any other
+        value must be a datastore id (no reading server files by path, e.g. ``../../etc/passwd``).
+        Outside the server (``monailabel.interfaces.utils.app -m infer``) any existing path."""
+        if not os.path.isfile(image):
+            return False
+        if not self._server_mode:
+            return True
+        path = os.path.realpath(image)
+        uploads = os.path.realpath(tempfile.gettempdir())
+        if os.path.dirname(path) == uploads and os.path.basename(path).startswith("tmp"):
+            return True
+        sessions = self.sessions()
+        root = os.path.realpath(sessions.store_path) if sessions is not None else None
+        return bool(root) and os.path.commonpath([path, root]) == root
+
+    def bundle_path(self, model):
+        """MONAI Label 0.8.5 calls this in the request thread just before it starts a train subprocess
+        (``AsyncTask.run``): the place to refuse a training that cannot work with a 4xx answer
+        instead of a background task that fails later."""
+        if model in self._trainers:
+            labelled = len(self.datastore().get_labeled_images())
+            if labelled < MIN_TRAIN_CASES:
+                raise HTTPException(
+                    422,
+                    f"training needs at least {MIN_TRAIN_CASES} images with a final label (one is held out to "
+                    f"check the model before it replaces the served one); the datastore has {labelled}",
+                )
+        return super().bundle_path(model)
+
+    @staticmethod
+    def _describe_segments(label_info, result: dict) -> None:
+        """``output=dicom_seg``: MONAI Label's infer endpoint writes the DICOM SEG from the request's
+        ``label_info`` list (this very object) and names the i-th label value present in the result after
+        its i-th entry; rewrite the list in place to one entry per value present, named by the model."""
+        params = result.get("params") or {}
+        if not isinstance(label_info, list) or not label_info or params.get("output") == "uncertainty_map":
+            return
+        try:
+            values = present_values(result["file"])
+        except Exception as e:  # no readable result file: the endpoint reports it
+            logger.warning(f"segdiff: could not read the result's label values: {e}")
+            return
+        label_info[:] = seg_label_info(values, params.get("label_names") or {}, label_info)
 
     def on_init_complete(self):
         super().on_init_complete()
@@ -123,7 +206,9 @@ class SegDiffApp(MONAILabelApp):
         info = ds.get_label_info(label_id, DefaultLabelTag.FINAL)
         label_info = info.get("label_info") if isinstance(info, dict) else None
         names = self.task.model.label_names()
-        if not label_info or not names or "segdiff_remapped" in info:
+        if isinstance(info, dict) and "segdiff_remapped" in info:  # done before the upload (DICOMweb)
+            return {"remapped": info["segdiff_remapped"]}
+        if not label_info or not names:
             return {}
         path = ds.get_label_uri(label_id, DefaultLabelTag.FINAL)
         try:

@@ -96,8 +96,9 @@ class SegDiffInferer(Inferer):
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> EnsembleOutput:
         """``inputs [C, *spatial]`` (one preprocessed volume, or one 2D image)."""
         x = torch.as_tensor(inputs).float()
-        if x.ndim - 1 == 2 and self.spatial_dims == 2:  # a 2D image: one slice, no context
-            x = x[..., None]
+        if x.ndim - 1 == 2 and self.spatial_dims == 2:  # a 2D image: the network sees it whole
+            out = self._slices(x[..., None], network)
+            return EnsembleOutput(out.probs[..., 0], out.samples[..., 0], out.expected_entropy[..., 0])
         if self.spatial_dims == 2:
             return self._slices(x, network)
         return self._patches(x, network)

@@ -67,9 +67,15 @@ class DiffusionSampler:
 
     @torch.inference_mode()
     def sample(
-        self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+        self,
+        net: nn.Module,
+        image: torch.Tensor,
+        num_samples: int,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Return x0 estimates ``[N, B, K, *spatial]`` in [-1, 1] for ``image [B, C, *spatial]``."""
+        """Return x0 estimates ``[N, B, K, *spatial]`` in [-1, 1] for ``image [B, C, *spatial]``,
+        starting from ``noise [N * B, K, *spatial]`` (member-major) or fresh noise from ``generator``."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         b = image.shape[0]
@@ -80,7 +86,9 @@ class DiffusionSampler:
         else:
             cond = repeat_members(cond, num_samples)
         shape = (num_samples * b, self.cfg.num_classes, *image.shape[2:])
-        x = torch.randn(shape, generator=generator, device="cpu").to(image.device)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        x = (torch.randn(shape, generator=generator, device="cpu") if noise is None else noise).to(image.device)
         x0 = x
         for t in self.scheduler.timesteps.tolist():
             tt = torch.full((shape[0],), t, device=image.device, dtype=torch.long)

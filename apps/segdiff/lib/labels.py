@@ -38,11 +38,15 @@ def value_mapping(label_info: list[dict[str, Any]], label_names: dict[str, int])
     return mapping
 
 
-def remap_label_file(path: str | os.PathLike, mapping: dict[int, int]) -> dict[int, int] | None:
+def remap_label_file(
+    path: str | os.PathLike, mapping: dict[int, int], tmp_dir: str | os.PathLike | None = None
+) -> dict[int, int] | None:
     """Rewrite the label file so value ``k`` becomes ``mapping[k]`` (values not in ``mapping`` -> 0).
 
-    Keeps the header (geometry, pixel type); replaces the file atomically. Returns the changes
-    ``{old: new}`` applied, or None when the file already agrees.
+    Keeps the header (geometry, pixel type); replaces the file atomically through a temporary file in
+    ``tmp_dir`` (same file system as ``path``; default: the parent of the file's folder, outside the
+    ``labels/<tag>/`` folder the datastore watches). Returns the changes ``{old: new}`` applied, or None
+    when the file already agrees.
     """
     import SimpleITK as sitk
 
@@ -65,7 +69,7 @@ def remap_label_file(path: str | os.PathLike, mapping: dict[int, int]) -> dict[i
     new.CopyInformation(img)
     # temp file outside labels/<tag>/ (the datastore watches those), same file system: atomic replace
     suffix = "".join(path.suffixes) or ".nii.gz"
-    tmp = path.parent.parent / f".segdiff-remap-{uuid.uuid4().hex}{suffix}"
+    tmp = Path(tmp_dir or path.parent.parent) / f".segdiff-remap-{uuid.uuid4().hex}{suffix}"
     try:
         sitk.WriteImage(new, str(tmp), True)
         os.replace(tmp, path)
@@ -73,3 +77,28 @@ def remap_label_file(path: str | os.PathLike, mapping: dict[int, int]) -> dict[i
         if tmp.exists():
             tmp.unlink()
     return changes
+
+
+def present_values(path: str | os.PathLike) -> list[int]:
+    """The non-zero values of a label file, ascending."""
+    import SimpleITK as sitk
+
+    return [int(v) for v in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))) if v != 0]
+
+
+def seg_label_info(
+    values: list[int], label_names: dict[str, int], given: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """``label_info`` for MONAI Label's DICOM SEG writer, one entry per value in ``values``.
+
+    MONAI Label names the i-th non-zero value present in a label file after the i-th ``label_info``
+    entry, whatever the entries' ``idx``; so the list must follow the values actually present. Names
+    come from ``label_names``; other fields (color, description) from the ``given`` entry of that name.
+    """
+    names = {v: n for n, v in label_names.items()}
+    by_name = {str(e.get("name", "")).lower(): e for e in given or [] if isinstance(e, dict)}
+    out = []
+    for value in values:
+        name = names.get(value, f"label {value}")
+        out.append({**by_name.get(name.lower(), {}), "name": name, "idx": value})
+    return out

@@ -106,6 +106,7 @@ class SegDiffModel:
         seed: sampling seed (same image + model + seed -> same answer).
         cache_size: predictions kept for reuse (segmentation then uncertainty on the same image).
         fallback_labels: label names to advertise while there is no model (e.g. from ``labels.json``).
+        postprocess: clean-up of the fused mask (None: the checkpoint's ``postprocess``).
     """
 
     def __init__(
@@ -119,11 +120,13 @@ class SegDiffModel:
         seed: int = 0,
         cache_size: int = 4,
         fallback_labels: list[str] | tuple[str, ...] = (),
+        postprocess: list[str] | None = None,
     ) -> None:
         self.path = os.path.abspath(os.path.expanduser(path))
         self.samples, self.steps, self.device = samples, steps, device
         self.threshold, self.uncertainty, self.seed = float(threshold), uncertainty, int(seed)
         self.fallback_labels = list(fallback_labels)
+        self.postprocess = postprocess
         self.predictions: LRUCache[CachedPrediction] = LRUCache(cache_size)
         self._segmenters: LRUCache[Segmenter] = LRUCache(2)
         self._lock = threading.Lock()
@@ -193,7 +196,7 @@ class SegDiffModel:
             try:
                 return Segmenter.from_checkpoint(
                     self.path, num_samples=samples, steps=steps, seed=self.seed, device=device,
-                    uncertainty=self.uncertainty, threshold=self.threshold,
+                    uncertainty=self.uncertainty, threshold=self.threshold, postprocess=self.postprocess,
                 )
             except FileNotFoundError:
                 raise self._missing() from None

@@ -19,6 +19,7 @@ network                     the library's (SegDiffConfig)      network when trai
 max_epochs                  10                                 default epochs of the trainer
 max_minutes                 30                                 default time budget of a training run (0: none)
 reserve_minutes             60                                 how long a picked image stays with its annotator
+postprocess                 "" (the model's)                   median,largest_component,fill_holes | none
 ==========================  =================================  ===========================================
 """
 
@@ -37,6 +38,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from monai_segdiff.config import NETWORKS, SegDiffConfig
+from monai_segdiff.postprocess import parse_postprocess
 
 from ..activelearning.uncertainty import UncertaintyStrategy
 from ..infers.segdiff import SegDiffInfer, SegDiffUncertaintyInfer, truthy
@@ -62,6 +64,7 @@ DEFAULTS: dict[str, str] = {
     "max_epochs": "10",
     "max_minutes": "30",
     "reserve_minutes": "60",
+    "postprocess": "",
 }
 
 
@@ -105,6 +108,7 @@ class SegDiffTaskConfig(TaskConfig):
             seed=self.number("seed", int),
             cache_size=self.number("cache_size", int),
             fallback_labels=declared_labels(self.studies),
+            postprocess=self.postprocess_option(),
         )
         if not 0.0 < self.model.threshold < 1.0:
             raise ConfError(f"--conf uncertainty_threshold must be in (0, 1), got {self.model.threshold}")
@@ -120,6 +124,16 @@ class SegDiffTaskConfig(TaskConfig):
     def option(self, key: str) -> str:
         value = self.conf.get(key, DEFAULTS[key])
         return str(value).strip() if value is not None else ""
+
+    def postprocess_option(self) -> list[str] | None:
+        """``--conf postprocess``: None (the model's own setting) or the options to apply."""
+        value = self.option("postprocess")
+        if not value:
+            return None
+        try:
+            return parse_postprocess(value)
+        except ValueError as e:
+            raise ConfError(f"--conf postprocess: {e}") from None
 
     def number(self, key: str, kind=float):
         value = self.option(key) or DEFAULTS[key]

@@ -14,22 +14,60 @@ import logging
 from typing import Any
 
 import numpy as np
+import torch
+from monailabel.interfaces.exception import MONAILabelError
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import device_list, file_ext
 
-from ..model import CachedPrediction, ImageNotFoundError, SegDiffModel, plain
+from monai_segdiff.io import is_picture
+
+from ..model import CachedPrediction, ImageNotFoundError, SegDiffAppError, SegDiffModel, plain
 
 logger = logging.getLogger(__name__)
 
+# Bounds of one interactive request: MONAI Label answers infer requests one at a time, so one request
+# for 1000 members x 1000 steps would hold every annotator's request for hours.
+MAX_SAMPLES = 32
+MAX_STEPS = 100
 
-def _positive_int(value: Any) -> int | None:
-    """Request values come as int, str or "" (Slicer sends 0 / "" for an empty field): <= 0 -> None."""
-    try:
-        value = int(float(value))
-    except (TypeError, ValueError):
+
+class BadOptionError(SegDiffAppError):
+    """An infer option value that cannot be used (HTTP 422, the reason in the body)."""
+
+    status_code = 422
+    code = MONAILabelError.INVALID_INPUT
+
+
+def count_option(data: dict[str, Any], key: str, maximum: int) -> int | None:
+    """A whole number in ``1..maximum``; 0, "" or absent -> None, the model's default (Slicer sends the
+    config's 0 for "the model's"). Anything else -> `BadOptionError`."""
+    value = data.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    return value if value > 0 else None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if number == 0:
+        return None
+    if not (number.is_integer() and 1 <= number <= maximum):
+        raise BadOptionError(f"{key} must be a whole number in 1..{maximum} (0: the model's default), got {value!r}")
+    return int(number)
+
+
+def check_device(device: Any) -> str:
+    """``device`` if torch can run on it here; else `BadOptionError`."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        d = None
+    usable = d is not None and (
+        d.type == "cpu" or (d.type == "cuda" and torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count())
+    )
+    if not usable:
+        raise BadOptionError(f"device must be one of {', '.join(device_list())}, got {device!r}")
+    return str(device)
 
 
 def truthy(value: Any) -> bool:
@@ -42,6 +80,17 @@ def truthy(value: Any) -> bool:
 def devices(first: str) -> list[str]:
     """Device choices for the config (Slicer sends the first one)."""
     return [first] + [d for d in device_list() if d != first]
+
+
+def image_dims(model: SegDiffModel) -> int:
+    """MONAI Label's ``dimension`` of the served model: 2 if it was trained on 2D images, else 3."""
+    cfg = model.config()
+    return cfg.image_dims if cfg is not None else 3
+
+
+def result_extension(image: str) -> str:
+    """The answer's file type: the image's, but PNG for any 2D picture (a JPG mask would be lossy)."""
+    return ".png" if is_picture(image) else (file_ext(image) or ".nii.gz")
 
 
 class SegDiffInfer(BasicInferTask):
@@ -63,7 +112,7 @@ class SegDiffInfer(BasicInferTask):
             network=None,
             type=InferType.SEGMENTATION,
             labels=model.label_names(),
-            dimension=3,
+            dimension=image_dims(model),  # 2: 2D images (PNG/JPG/2D NIfTI) answered with a 2D mask
             description=description,
             config={
                 "device": devices(model.device),
@@ -80,6 +129,7 @@ class SegDiffInfer(BasicInferTask):
 
     def info(self) -> dict[str, Any]:
         self.labels = self.current_labels()
+        self.dimension = image_dims(self.model)
         return super().info()
 
     def current_labels(self) -> dict[str, int]:
@@ -95,14 +145,17 @@ class SegDiffInfer(BasicInferTask):
         image = data.get("image")
         if not isinstance(image, str) or not image:
             raise ImageNotFoundError("this model needs an image file (a datastore image id or an uploaded file)")
-        pred, cached = self.model.predict(
-            image, samples=_positive_int(data.get("samples")), steps=_positive_int(data.get("steps")), device=device
-        )
-        data.setdefault("result_extension", file_ext(image) or ".nii.gz")
+        samples, steps = self.check_options(data)
+        pred, cached = self.model.predict(image, samples=samples, steps=steps, device=check_device(device))
+        data.setdefault("result_extension", result_extension(image))
         data["pred_meta_dict"] = {"affine": pred.affine}
         data["result"] = plain(self.result_json(pred, cached))
         data[self.output_label_key] = self.output(pred, data)
         return data
+
+    def check_options(self, data: dict[str, Any]) -> tuple[int | None, int | None]:
+        """Validate the request's options before any work; ``(samples, steps)`` (None: the model's)."""
+        return count_option(data, "samples", MAX_SAMPLES), count_option(data, "steps", MAX_STEPS)
 
     # -- what this model returns ----------------------------------------------------------------
     def output(self, pred: CachedPrediction, data: dict[str, Any]) -> np.ndarray:
@@ -144,12 +197,21 @@ class SegDiffUncertaintyInfer(SegDiffInfer):
     def current_labels(self) -> dict[str, int]:
         return {self.LABEL: 1}
 
+    def check_options(self, data: dict[str, Any]) -> tuple[int | None, int | None]:
+        self.threshold(data)
+        return super().check_options(data)
+
     def threshold(self, data: dict[str, Any]) -> float:
-        try:
-            t = float(data.get("uncertainty_threshold", self.model.threshold))
-        except (TypeError, ValueError):
+        value = data.get("uncertainty_threshold")
+        if value is None or value == "":
             return self.model.threshold
-        return t if 0.0 < t < 1.0 else self.model.threshold
+        try:
+            t = float(value)
+        except (TypeError, ValueError):
+            t = float("nan")
+        if not 0.0 < t < 1.0:
+            raise BadOptionError(f"uncertainty_threshold must be a number in (0, 1), got {value!r}")
+        return t
 
     def output(self, pred: CachedPrediction, data: dict[str, Any]) -> np.ndarray:
         self.labels = self.current_labels()
@@ -158,6 +220,8 @@ class SegDiffUncertaintyInfer(SegDiffInfer):
         mask = u > t
         voxel_ml = abs(float(np.linalg.det(pred.affine[:3, :3]))) / 1000.0
         output_map = truthy(data.get("output_map"))
+        if output_map and is_picture(f"x{data.get('result_extension', '')}"):
+            data["result_extension"] = ".nii.gz"  # a float map does not fit in a PNG
         data["result"].update(
             {
                 "uncertainty_threshold": t,

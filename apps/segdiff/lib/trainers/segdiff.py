@@ -29,9 +29,11 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import name_to_device
 
 from monai_segdiff import data as sd_data
+from monai_segdiff import distributed
 from monai_segdiff.config import NETWORKS, CheckpointError, SegDiffConfig, load_checkpoint
 from monai_segdiff.labelset import label_names as studies_label_names
 from monai_segdiff.networks import build_network
+from monai_segdiff.tracking import TensorBoardCallback, run_dir
 from monai_segdiff.training import load_cases, new_config, train, validation_dice
 from monai_segdiff.transforms import InputError
 
@@ -137,6 +139,8 @@ class SegDiffTrain(TrainTask):
             "pretrained": True,  # fine-tune the current model when its labels match
             "network": available_networks(self.network),  # used when training from scratch
             "device": devices(self.device),
+            "multi_gpu": False,  # DDP, one process per GPU of `gpus` (without CUDA: one CPU process per id)
+            "gpus": "all",  # "all" or ids like "0,1"
             "tracking": list(TRACKING),
         }
 
@@ -173,6 +177,10 @@ class SegDiffTrain(TrainTask):
         lr = _number(req.get("learning_rate"), float, TRAIN_DEFAULTS["lr"]) or TRAIN_DEFAULTS["lr"]
         iterations = _number(req.get("iterations_per_epoch"), int, 0) or None
         device = name_to_device(req.get("device") or self.device)
+        try:
+            ranks = distributed.rank_devices(truthy(req.get("multi_gpu")), req.get("gpus"), str(device))
+        except ValueError as e:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(e)) from e
 
         items = [dict(d, id=sd_data.image_id(d["image"])) for d in datastore.datalist()]
         if not items:
@@ -198,6 +206,7 @@ class SegDiffTrain(TrainTask):
             "labels": cfg.labels,
             "train_cases": len(train_items),
             "val_cases": len(val_items),
+            "world_size": len(ranks),
             "model": self.model_path,
             "request": {k: req.get(k) for k in self.config()},
         }
@@ -224,17 +233,18 @@ class SegDiffTrain(TrainTask):
             self._write({**base, "current_time": _hms(elapsed)})
             logger.info(f"epoch {s['epoch']}: loss {s['loss']:.4f} val_dice {s['val_dice']:.4f} best {best:.4f}")
             if writer is not None:
-                writer.add_scalar("train/loss", s["loss"], s["epoch"])
-                if math.isfinite(s["val_dice"]):
-                    writer.add_scalar("val/dice", s["val_dice"], s["epoch"])
+                writer(s)
 
+        options = dict(output=candidate, epochs=epochs, max_minutes=minutes, batch_size=batch_size, lr=lr,
+                       iterations_per_epoch=iterations, init_state=init_state, seed=0, callback=on_epoch)
         try:
-            result = train(
-                cfg, train_items, val_items, output=candidate, epochs=epochs, max_minutes=minutes,
-                batch_size=batch_size, lr=lr, iterations_per_epoch=iterations, init_state=init_state, seed=0,
-                device=device, callback=on_epoch,
-            )
-        except (InputError, ValueError) as e:
+            if len(ranks) > 1:  # DDP: rank 0 validates and saves; on_epoch runs here with its stats
+                logger.info(f"Distributed training on {len(ranks)} processes: {ranks}")
+                results = distributed.train_distributed(ranks, cfg, train_items, val_items, **options)
+            else:
+                results = [train(cfg, train_items, val_items, device=device, **options)]
+            result = results[0]
+        except (InputError, ValueError, distributed.DistributedError) as e:
             self._write({**base, "status": "ERROR", "error": str(e), "total_time": _hms(time.time() - start)})
             raise MONAILabelException(MONAILabelError.APP_TRAIN_FAILED, str(e)) from e
         finally:
@@ -252,6 +262,7 @@ class SegDiffTrain(TrainTask):
             "best_metric": result.best_dice if math.isfinite(result.best_dice) else base["best_metric"],
             "best_metric_epoch": result.best_epoch,
             "steps": result.steps,
+            "rank_steps": [r.steps for r in results],
             "losses": result.losses,
             "val_dices": result.val_dice,
             "model_ts": os.stat(self.model_path).st_mtime if base["published"] else None,
@@ -301,19 +312,19 @@ class SegDiffTrain(TrainTask):
         logger.info(f"Training a new {network} model for labels {labels}")
         return scratch_config(items, labels, network), None, "scratch"
 
-    def tracker(self, tracking: str):
-        """A TensorBoard writer under ``<model dir>/runs/`` when asked for; None otherwise."""
+    def tracker(self, tracking: str) -> TensorBoardCallback | None:
+        """TensorBoard event files (loss, validation Dice, learning rate per epoch) in a new run folder
+        under ``<model dir>/runs/`` when asked for; None otherwise."""
         if tracking.lower() not in ("tensorboard",):
             if tracking.lower() not in ("none", "", "false"):
                 logger.warning(f"tracking {tracking!r} is not supported here; use 'none' or 'tensorboard'")
             return None
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            import tensorboard  # noqa: F401  (SummaryWriter needs it)
         except ImportError:
             logger.warning("tensorboard is not installed; tracking disabled")
             return None
-        run = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-        return SummaryWriter(os.path.join(os.path.dirname(self.model_path), "runs", run))
+        return TensorBoardCallback(run_dir(os.path.join(os.path.dirname(self.model_path), "runs")))
 
     def _write(self, stats: dict) -> None:
         try:

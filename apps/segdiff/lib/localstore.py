@@ -1,0 +1,261 @@
+"""The studies folder as MONAI Label's `LocalDatastore`, hardened for a server that takes uploads from
+anywhere and runs for days.
+
+* Image ids and label tags are file names, never paths: ``..``, ``/``, ``\\`` or a leading ``.`` -> 400.
+* Uploads are read the way training and inference read them before anything is stored: an image that
+  is not an image, truncated, 4D, too large or all NaN -> 422; a label whose grid (shape or affine) is
+  not its image's, or whose values are not whole numbers of the label set -> 422; a label for an image
+  that does not exist -> 404. A rejected upload never touches the stored files.
+* A user's label is never lost: an empty label does not replace a non-empty one (409), an image that
+  has labels is not replaced by another upload under its id (409), and the version a new label replaces
+  is kept as ``<studies>/.segdiff/replaced/<tag>/<file>``.
+* Files are written atomically (temporary file in the same folder + rename): no reader -- the server,
+  a training or scoring subprocess, a crash -- ever sees half a label, image or ``datastore_v2.json``.
+  A ``datastore_v2.json`` that cannot be parsed (a crash of an older version) is set aside and the
+  datastore rebuilt from the files, instead of the server refusing to start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+from fastapi import HTTPException
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
+from monailabel.interfaces.datastore import DefaultLabelTag
+
+from monai_segdiff.transforms import InputError
+from monai_segdiff.validation import check_image_file, check_label_file
+
+logger = logging.getLogger(__name__)
+
+TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+REPLACED = os.path.join(".segdiff", "replaced")
+
+
+def check_id(value: Any, what: str = "image id") -> str:
+    """``value`` if it is a plain file name (the datastore builds paths from it); else HTTP 400."""
+    text = value if isinstance(value, str) else ""
+    if (
+        not text
+        or len(text) > 200
+        or text.startswith(".")
+        or ".." in text
+        or any(c in text for c in "/\\:")
+        or any(ord(c) < 32 for c in text)
+    ):
+        raise HTTPException(400, f"invalid {what} {value!r}: use a plain name (no '/', '\\', ':', '..' or leading '.')")
+    return text
+
+
+def check_tag(value: Any) -> str:
+    """A label tag: letters, digits, ``_`` and ``-`` (it is a folder name under ``labels/``); else HTTP 400."""
+    if not isinstance(value, str) or not TAG.match(value):
+        raise HTTPException(400, f"invalid label tag {value!r}: use letters, digits, '_' or '-'")
+    return value
+
+
+def copy_atomic(src: str, dest: str) -> None:
+    """Copy ``src`` to ``dest`` so that ``dest`` is always either the old or the complete new file.
+
+    The temporary file sits next to ``dest`` (same file system, so the rename is atomic) with a name
+    the datastore's file patterns do not match (``.<name>.<random>.tmp``).
+    """
+    folder = os.path.dirname(dest) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(dest)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file + rename (see `copy_atomic`)."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _status(e: InputError) -> HTTPException:
+    return HTTPException(422, str(e))
+
+
+class SegDiffLocalDatastore(LocalDatastore):
+    """`LocalDatastore` with validated uploads, safe names and atomic writes (see the module doc).
+
+    Args:
+        datastore_path: the studies folder.
+        label_names: ``{name: value}`` of the served model (or ``labels.json``); bounds label values.
+        image_channels: channels the served model takes (None: any).
+        kwargs: `LocalDatastore` arguments (extensions, auto_reload, read_only).
+    """
+
+    def __init__(
+        self,
+        datastore_path: str,
+        label_names: Callable[[], dict[str, int]] = dict,
+        image_channels: Callable[[], int | None] = lambda: 1,
+        **kwargs: Any,
+    ) -> None:
+        self.label_names, self.image_channels = label_names, image_channels
+        config = kwargs.get("datastore_config", "datastore_v2.json")
+        set_aside_if_corrupt(os.path.join(datastore_path, config), os.path.join(datastore_path, ".lock"))
+        super().__init__(datastore_path, **kwargs)
+        handler = getattr(self, "_handler", None)
+        if handler is not None:  # our own writes rename into place: a "moved" event, not "modified"
+            handler.on_moved = self._on_moved_event
+
+    # -- events and the datastore file ----------------------------------------------------------
+    def _on_moved_event(self, event) -> None:
+        dest = os.fsdecode(getattr(event, "dest_path", b"") or b"")
+        if dest == self._datastore_config_path:
+            self._on_modify_event(SimpleNamespace(src_path=dest))
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        def write() -> None:
+            self._ignore_event_config = True
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            write_text_atomic(self._datastore_config_path, text)
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+    # -- images ---------------------------------------------------------------------------------
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        derived, image_ext = self._to_id(os.path.basename(image_filename))
+        image_id = check_id(image_id or derived)
+        try:
+            check_image_file(image_filename, channels=self.image_channels())
+        except InputError as e:
+            raise _status(e) from None
+        name = self._filename(image_id, image_ext)
+        dest = os.path.realpath(os.path.join(self._datastore.image_path(), name))
+        with FileLock(self._lock_file):
+            old = self._datastore.objects.get(image_id)
+            if old is not None and old.labels:
+                raise HTTPException(
+                    409,
+                    f"image {image_id!r} exists and has labels ({', '.join(old.labels)}); upload under another id "
+                    "(its labels would no longer fit a new image)",
+                )
+            copy_atomic(image_filename, dest)
+            info = dict(image_info or {}, ts=int(time.time()), name=name)
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
+            self._update_datastore_file(lock=False)
+        logger.info(f"Added image {image_id} => {dest}")
+        return image_id
+
+    # -- labels ---------------------------------------------------------------------------------
+    def max_label_value(self, label_info: dict[str, Any]) -> int | None:
+        """Largest value a submitted label may hold: the number of segments 3D Slicer named in
+        ``label_info`` (it exports them as 1..n), else the model's largest label value."""
+        given = label_info.get("label_info") if isinstance(label_info, dict) else None
+        if isinstance(given, list) and given:
+            return len(given)
+        names = self.label_names() or {}
+        return max(names.values()) if names else None
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        tag = check_tag(label_tag or DefaultLabelTag.FINAL.value)
+        image_id = check_id(image_id)
+        obj = self._datastore.objects.get(image_id)
+        image_path = self.get_image_uri(image_id) if obj is not None else ""
+        if not image_path or not os.path.isfile(image_path):
+            raise HTTPException(404, f"no image {image_id!r} in the datastore: upload the image first")
+        label_info = dict(label_info or {})
+        try:
+            image = check_image_file(image_path, channels=None)
+            found = check_label_file(label_filename, image, self.max_label_value(label_info), self.label_names())
+        except InputError as e:
+            raise _status(e) from None
+
+        _, label_ext = self._to_id(os.path.basename(label_filename))
+        label_path = self._datastore.label_path(tag)
+        name = self._filename(image_id, label_ext)
+        dest = os.path.join(label_path, name)
+        with FileLock(self._lock_file):
+            os.makedirs(label_path, exist_ok=True)
+            previous = self.get_label_uri(image_id, tag) if obj.labels.get(tag) else ""
+            if previous and os.path.isfile(previous):
+                if not found["foreground_voxels"] and _foreground(previous, image):
+                    raise HTTPException(
+                        409,
+                        f"the submitted {tag} label of {image_id!r} is empty and would replace a non-empty one; "
+                        "delete the label first (DELETE /datastore/label) to clear it",
+                    )
+                self._keep_replaced(previous, tag)
+            copy_atomic(label_filename, dest)
+            if previous and os.path.realpath(previous) != os.path.realpath(dest) and os.path.isfile(previous):
+                os.unlink(previous)  # same id, other format: the new file is the label now (kept above)
+            label_info.update(ts=int(time.time()), name=name)
+            obj.labels[tag] = DataModel(info=label_info, ext=label_ext)
+            self._update_datastore_file(lock=False)
+        logger.info(f"Saved {tag} label of {image_id} => {dest} (values {found['values']})")
+        return image_id
+
+    def _keep_replaced(self, path: str, tag: str) -> None:
+        """Keep the version a new label replaces (one per image and tag) under ``.segdiff/replaced/``."""
+        folder = os.path.join(self._datastore_path, REPLACED, tag)
+        os.makedirs(folder, exist_ok=True)
+        copy_atomic(path, os.path.join(folder, os.path.basename(path)))
+
+
+def _foreground(path: str, image) -> int:
+    """Foreground voxels of a stored label (0 if it cannot be read: nothing of value to protect)."""
+    try:
+        return check_label_file(path, image)["foreground_voxels"]
+    except InputError:
+        return 0
+
+
+def set_aside_if_corrupt(path: str, lock_file: str) -> None:
+    """Move an unparseable datastore file aside (``<name>.corrupt-<time>``): the datastore is then
+    rebuilt from the files on disk (labels are files; image infos such as scores are recomputed)."""
+    if not os.path.isfile(path):
+        return
+    with FileLock(lock_file):
+        try:
+            with open(path) as f:
+                LocalDatastoreModel.model_validate_json(f.read())
+            return
+        except (OSError, ValueError) as e:
+            aside = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+            logger.error(f"datastore file {path} is unreadable ({str(e).splitlines()[0][:200]}); moved to {aside}")
+            try:
+                os.replace(path, aside)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,130 @@
+"""Optional clean-up of the fused mask, built from MONAI transforms; off unless asked for.
+
+* ``median``: median filter (3 voxels wide, ``MedianSmooth``) of each class probability map before the
+  arg-max (mean fusion); with vote / STAPLE fusion, of the one-hot fused mask (a majority filter).
+  Removes salt-and-pepper voxels and smooths ragged borders.
+* ``largest_component``: keep the largest face-connected component of each label
+  (``KeepLargestConnectedComponent``, per label independently): drops isolated false-positive specks.
+* ``fill_holes``: background enclosed by a label becomes that label (``FillHoles``; background counts
+  as open if it reaches the border through any neighbour, diagonals included); other labels inside it
+  (a lesion inside an organ) are kept.
+
+They run in this order (median, largest component, fill holes) in the image's own dimensionality (3D
+components and holes for a volume, even with a 2D model). The uncertainty map is left as the ensemble
+gave it. One ``PostProcess`` is applied by ``Segmenter``, so the CLI, the app, evaluation and scoring
+share it; the checkpoint config's ``postprocess`` list is the default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.data import MetaTensor
+from monai.transforms import FillHoles, KeepLargestConnectedComponent, MedianSmooth
+from torch import Tensor
+
+__all__ = ["POSTPROCESS_OPTIONS", "PostProcess", "parse_postprocess"]
+
+POSTPROCESS_OPTIONS = ("median", "largest_component", "fill_holes")
+
+
+def parse_postprocess(value: str | Sequence[str] | None) -> list[str]:
+    """``"fill_holes,median"`` or a list -> the options in application order; ``""``, ``"none"`` or
+    ``None`` -> ``[]``. ``ValueError`` with a one-line reason for an unknown name."""
+    if value is None:
+        return []
+    names = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    names = [n.strip().lower().replace("-", "_") for n in names]
+    names = [n for n in names if n and n != "none"]
+    unknown = sorted(set(names) - set(POSTPROCESS_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"unknown postprocess option(s) {', '.join(unknown)}; choose from {', '.join(POSTPROCESS_OPTIONS)}"
+        )
+    return [n for n in POSTPROCESS_OPTIONS if n in names]
+
+
+class PostProcess:
+    """Clean-up of probability maps and fused label maps.
+
+    Args:
+        ops: option names (see ``POSTPROCESS_OPTIONS``), any order.
+        num_classes: classes including background (label values ``0..num_classes-1``).
+        on_probabilities: ``median`` filters the probabilities (mean fusion) when True, the one-hot
+            label map (vote / STAPLE fusion) when False.
+        radius: median filter radius in voxels (1: 3x3 / 3x3x3).
+        max_voxels: voxels per median-filter call; bounds memory (the filter holds ``(2r+1)^d`` copies).
+    """
+
+    def __init__(
+        self,
+        ops: str | Sequence[str] | None,
+        num_classes: int,
+        on_probabilities: bool = True,
+        radius: int = 1,
+        max_voxels: int = 2**21,
+    ) -> None:
+        self.ops = parse_postprocess(ops)
+        self.num_classes, self.on_probabilities = int(num_classes), on_probabilities
+        self.radius, self.max_voxels = int(radius), int(max_voxels)
+        labels = list(range(1, self.num_classes))
+        # face-connected components (as nnU-Net); holes as background not reaching the border through
+        # any neighbour (full connectivity), the complementary choice, so a filled mask has no hole
+        self.largest = KeepLargestConnectedComponent(labels, is_onehot=False, independent=True, connectivity=1)
+        self.fill = FillHoles(applied_labels=labels)
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+    def smooth(self, probs: Tensor) -> Tensor:
+        """Median-filtered class probabilities ``[K, *spatial]``, renormalised to sum to 1 (unchanged
+        unless ``median`` is on and ``on_probabilities``)."""
+        if "median" not in self.ops or not self.on_probabilities:
+            return probs
+        probs = _plain(probs).float()
+        out = torch.stack([self._median(p) for p in probs])
+        total = out.sum(0, keepdim=True)
+        # where every class's median is 0 (a perfect tie of hard votes) keep the unfiltered values
+        return torch.where(total > 1e-6, out / total.clamp_min(1e-6), probs)
+
+    def clean(self, label: Tensor, median: bool = True) -> Tensor:
+        """Cleaned label map ``[*spatial]`` (same shape and dtype as ``label``).
+
+        Args:
+            label: integer label map ``[*spatial]`` (no channel axis).
+            median: apply the label-map median (vote / STAPLE fusion) if the options ask for it; off
+                for a second pass on an already filtered mask (e.g. after resampling).
+        """
+        if not self.ops:
+            return label
+        x = _plain(label)[None].long()
+        if median and "median" in self.ops and not self.on_probabilities:
+            onehot = torch.stack([(x[0] == c).float() for c in range(self.num_classes)])
+            x = torch.stack([self._median(p) for p in onehot]).argmax(0, keepdim=True)
+        if "largest_component" in self.ops:
+            x = _plain(self.largest(x))
+        if "fill_holes" in self.ops:
+            filled = _plain(self.fill(x.clone()))
+            x = torch.where(x == 0, filled, x)  # FillHoles alone would also overwrite other labels inside
+        return x[0].to(label.dtype)
+
+    def _median(self, channel: Tensor) -> Tensor:
+        """``MedianSmooth`` of one map ``[*spatial]`` in slabs along the last axis (with a halo of
+        ``radius``, so the result equals one whole-volume call)."""
+        r, n = self.radius, channel.shape[-1]
+        step = max(1, self.max_voxels // max(1, math.prod(channel.shape[:-1])))
+        smooth = MedianSmooth(radius=r)
+        out = torch.empty_like(channel, dtype=torch.float32)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            lo, hi = max(0, start - r), min(n, stop + r)
+            part = _plain(smooth(channel[None, ..., lo:hi].float()))[0]
+            out[..., start:stop] = part[..., start - lo : stop - lo]
+        return out
+
+
+def _plain(x) -> Tensor:
+    """A plain ``torch.Tensor`` (MONAI transforms return ``MetaTensor``)."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
