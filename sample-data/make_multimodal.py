@@ -67,8 +67,9 @@ def smooth_field(rng: np.random.Generator, strength: float) -> np.ndarray:
     return 1 + strength * field / 3
 
 
-def make_case(index: int, seed: int = DEFAULT_SEED) -> tuple[list[np.ndarray], np.ndarray, dict]:
-    """``([channel arrays int16], label uint8, description)``."""
+def make_case(index: int, seed: int = DEFAULT_SEED) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, dict]:
+    """``([channel arrays int16], label uint8, parts uint8, description)``; ``parts`` (not shipped) holds
+    k + 1 more than 1 mm inside sub-blob k (the one channel k shows) and outside the others, else 0."""
     rng = np.random.default_rng([seed, index])
     xyz = world()
     head = occupancy(ellipsoid_sdf(xyz, rng.normal(0, 0.8, 3), np.array([21.0, 22.0, 17.0]) * rng.uniform(0.95, 1.05)))
@@ -87,6 +88,9 @@ def make_case(index: int, seed: int = DEFAULT_SEED) -> tuple[list[np.ndarray], n
     decoy = ellipsoid_sdf(xyz, np.array([side[0], side[1], rng.uniform(-4, 4)]), rng.uniform(3.0, 4.5, 3))
 
     label = (np.minimum.reduce(parts) < 0).astype(np.uint8)
+    part_map = np.zeros(SHAPE, np.uint8)
+    for k, sdf in enumerate(parts):
+        part_map[(sdf < -1) & np.all([other > 1 for j, other in enumerate(parts) if j != k], axis=0)] = k + 1
     bias = smooth_field(rng, 0.08)
     contrast = rng.uniform(0.45, 0.7)
     channels = []
@@ -98,7 +102,7 @@ def make_case(index: int, seed: int = DEFAULT_SEED) -> tuple[list[np.ndarray], n
         channels.append(np.clip(np.rint(img), 0, 32767).astype(np.int16))
     spec = {"index": index, "contrast": round(float(contrast), 3), "tumour_voxels": int(label.sum()),
             "part_voxels": [int((p < 0).sum()) for p in parts]}
-    return channels, label, spec
+    return channels, label, part_map, spec
 
 
 def affine() -> np.ndarray:
@@ -120,7 +124,7 @@ def generate(output: Path, count: int = DEFAULT_COUNT, seed: int = DEFAULT_SEED)
     specs = []
     for i in range(count):
         case = f"mm_{i:03d}"
-        channels, label, spec = make_case(i, seed)
+        channels, label, _, spec = make_case(i, seed)
         for c, arr in enumerate(channels):
             save(arr, output / f"{case}_{c:04d}.nii.gz")
         save(label, output / "labels" / "final" / f"{case}.nii.gz")
