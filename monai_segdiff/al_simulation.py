@@ -212,7 +212,7 @@ def case_scores(seg: Segmenter, items: Sequence[dict]) -> dict[str, dict]:
     k = seg.cfg.num_classes
     for item in items:
         pred = seg(item["image"])
-        truth = load_label(item["label"])[0].long()
+        truth = load_label(item["label"], seg.cfg.label_names)[0].long()
         dice = metrics.dice_per_label(pred.label[0].long(), truth, k)
         out[item["id"]] = {"score": float(pred.stats["case_score"]), "dice": float(np.nanmean(dice))}
     return out

@@ -182,12 +182,12 @@ Research use only; not for clinical use.
 
 ## Run
 
-Needs `pip install monai-segdiff` (the bundle's code). From any folder:
+Needs `pip install monai-segdiff` (the bundle's code). From any folder, with `BUNDLE` this folder:
 
 ```bash
-python -m monai.bundle run --config_file {name}/configs/inference.json --meta_file {name}/configs/metadata.json \\
-    --bundle_root {name} --dataset_dir IMAGES_OR_ONE_IMAGE --output_dir OUT [--num_samples 5] [--steps 4] \\
-    [--seed 0] [--device cpu] [--seg_nrrd true]
+python -m monai.bundle run --config_file BUNDLE/configs/inference.json --meta_file BUNDLE/configs/metadata.json \\
+    --bundle_root BUNDLE --dataset_dir IMAGES_OR_ONE_IMAGE --output_dir OUT [--num_samples {cfg.num_samples}] \\
+    [--steps {cfg.sample_steps}] [--seed 0] [--device cpu] [--seg_nrrd true]
 ```
 
 For every image: `OUT/<name>_seg.nii.gz` (label map), `OUT/<name>_uncertainty.nii.gz`, `OUT/<name>.json`

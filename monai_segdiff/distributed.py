@@ -81,29 +81,33 @@ def wrap(net: nn.Module, loss_fn: Callable[..., torch.Tensor], device: str | tor
         return module
     device = torch.device(device)
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    # some networks leave parameters unused in training (e.g. a head used only at inference)
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+    # every network of the library uses all its parameters in the training loss (checked for all five)
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
 # -- starting processes -----------------------------------------------------------------------------
 def rank_devices(multi_gpu: bool, gpus: str | Sequence[int] | None = "all", device: str = "cuda") -> list[str]:
     """One device per process from MONAI Label's ``multi_gpu`` and ``gpus`` (``"all"`` or ``"0,1"``).
 
-    With CUDA: the listed (or all) GPUs. Without CUDA (or ``device`` "cpu"): one CPU process (gloo) per
-    listed id, so ``gpus="0,1"`` runs two CPU processes and ``"all"`` one. A single device means no DDP.
+    With CUDA: the listed (or all visible) GPUs. Without CUDA: one CPU process (gloo) per listed id, so
+    ``gpus="0,1"`` runs two CPU processes. MONAI Label's task runner hands the trainer ``"all"`` and the
+    ids as ``CUDA_VISIBLE_DEVICES``, which then count. A single device means no DDP.
     """
     if not multi_gpu:
         return [str(device)]
-    if gpus is None or (isinstance(gpus, str) and gpus.strip().lower() in ("", "all")):
-        ids = list(range(torch.cuda.device_count()))
-    elif isinstance(gpus, str):
-        try:
-            ids = [int(g) for g in gpus.split(",") if g.strip()]
-        except ValueError:
-            raise ValueError(f"gpus must be 'all' or comma-separated GPU ids like '0,1', got {gpus!r}") from None
-    else:
-        ids = [int(g) for g in gpus]
-    if str(device).startswith("cuda") and torch.cuda.is_available():
+    cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+    text = ",".join(str(g) for g in gpus) if isinstance(gpus, (list, tuple)) else str(gpus or "all").strip()
+    if text.lower() == "all":
+        if cuda:
+            count = torch.cuda.device_count()
+            return [f"cuda:{i}" for i in range(count)] if count > 1 else [str(device)]
+        visible = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip() not in ("", "-1")]
+        return ["cpu"] * len(visible) if len(visible) > 1 else [str(device)]
+    try:
+        ids = [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        raise ValueError(f"gpus must be 'all' or comma-separated GPU ids like '0,1', got {gpus!r}") from None
+    if cuda:
         ids = [i for i in ids if i < torch.cuda.device_count()]
         return [f"cuda:{i}" for i in ids] if len(ids) > 1 else [str(device)]
     return ["cpu"] * len(ids) if len(ids) > 1 else [str(device)]
@@ -157,9 +161,9 @@ def _join(ctx: mp.ProcessContext, poll: Callable[[], None] | None = None) -> Non
                 poll()
     except mp.ProcessRaisedException as e:
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        raise DistributedError(f"a training process failed: {lines[-1] if lines else e}") from None
+        raise DistributedError(f"a DDP process failed: {lines[-1] if lines else e}") from None
     except mp.ProcessExitedException as e:
-        raise DistributedError(f"a training process exited: {e}") from None
+        raise DistributedError(f"a DDP process exited: {e}") from None
     except BaseException:  # e.g. the callback failed, or KeyboardInterrupt
         for p in ctx.processes:
             if p.is_alive():

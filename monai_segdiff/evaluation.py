@@ -194,7 +194,7 @@ class Evaluator:
         raters = list(item.get("raters", []))
         if truth_input.ndim - 1 == 2 or _same_grid(pred.preprocessed, truth_input):
             truth = _as_label(truth_input)
-            refs = [_as_label(load_label(r)) for r in raters]
+            refs = [_as_label(load_label(r, self.cfg.label_names)) for r in raters]
         else:
             keys = ["label"] + [f"rater{i}" for i in range(len(raters))]
             d = {"image": item["image"], "label": item["label"], **{f"rater{i}": r for i, r in enumerate(raters)}}
@@ -215,7 +215,7 @@ class Evaluator:
         cfg, k = self.cfg, self.cfg.num_classes
         pred = self.segmenter(item["image"])
         t0 = time.perf_counter()
-        truth_img = load_label(item["label"])
+        truth_img = load_label(item["label"], cfg.label_names)
         if tuple(truth_img.shape[1:]) != tuple(pred.label.shape[1:]):
             raise InputError(f"{item['id']}: label shape {tuple(truth_img.shape[1:])} does not match image shape "
                              f"{tuple(pred.label.shape[1:])}")

@@ -41,7 +41,7 @@ class Prediction:
     stats: dict = field(default_factory=dict)
 
 
-def _read(path: ImageFiles, key: str) -> MetaTensor:
+def _read(path: ImageFiles, key: str, label_names: dict[str, int] | None = None) -> MetaTensor:
     paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
     if not paths:
         raise InputError("no image file given")
@@ -51,7 +51,8 @@ def _read(path: ImageFiles, key: str) -> MetaTensor:
         check_image_size(p)  # from the header: a huge (or decompression-bomb) file is never read
     names = [str(p) for p in paths]
     try:  # the readers of training (transforms.load_transforms), so 2D pictures load the same way
-        return Compose(load_transforms([key]))({key: names if len(names) > 1 else names[0]})[key]
+        load = Compose(load_transforms([key], label_names=label_names))
+        return load({key: names if len(names) > 1 else names[0]})[key]
     except Exception as e:  # readers raise many types for a broken file
         cause = e.__cause__ or e
         raise InputError(f"cannot read image {', '.join(names)}: {str(cause).splitlines()[0][:200]}") from e
@@ -64,9 +65,10 @@ def load_image(path: ImageFiles) -> MetaTensor:
     return _read(path, "image")
 
 
-def load_label(path: str | Path) -> MetaTensor:
-    """Read a label map ``[1, *spatial]`` (pictures keep their pixel values; 0/255 masks -> 0/1)."""
-    lab = _read(path, "label")
+def load_label(path: str | Path, label_names: dict[str, int] | None = None) -> MetaTensor:
+    """Read a label map ``[1, *spatial]`` (pictures keep their pixel values; 0/255 masks -> 0/1; Slicer
+    ``.seg.nrrd`` segments get the values of ``label_names`` by name)."""
+    lab = _read(path, "label", label_names)
     return MetaTensor(binary_255_as_01(lab.round().as_tensor()), meta=lab.meta)
 
 

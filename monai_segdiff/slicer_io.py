@@ -50,7 +50,7 @@ def _segment_values(segmentation: dict, label_names: Mapping[str, int] | None) -
             if dropped:
                 logger.warning(f"segments {dropped} are not labels of the model {sorted(label_names)}: dropped")
             return known
-        logger.warning(f"no segment name {names} is a label name {sorted(label_names)}: keeping the file's label values")
+        logger.warning(f"no segment name {names} is a label name {sorted(label_names)}: keeping the file's values")
     voxels = segmentation["voxels"]
     values = [int(s.get("labelValue", 1)) for s in segments]
     if voxels.ndim == 3 and len(set(values)) == len(values):

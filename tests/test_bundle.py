@@ -33,7 +33,8 @@ def test_bundle_layout_and_metadata(bundle, tiny_model):
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert meta["name"] == "segdiff_tiny" and meta["version"] and meta["monai_version"]
     # MONAI Label reads the label names of a bundle from the prediction's channel_def
-    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "organ", "2": "lesion"}
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["channel_def"] == {"0": "background", "1": "organ", "2": "lesion"}
     inference = json.loads((bundle / "configs" / "inference.json").read_text())
     assert {"network_def", "segmenter", "run", "dataset_dir", "output_dir"} <= set(inference)
     state, cfg, _ = load_checkpoint(bundle / "models" / "model.pt")

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PHANTOMS, make_studies, tiny_config
+from conftest import APP, PHANTOMS, make_studies, tiny_config
 from monai_segdiff import distributed
 
 WORLD = 2
@@ -41,7 +42,8 @@ def _rank(rank: int, device: str, out: str, items: list[dict]) -> None:
     torch.manual_seed(0)
     net = build_network(cfg)
     image, label, gen = _batch(rank, cfg)
-    model = distributed.wrap(net, functools.partial(step_loss, cfg=cfg, objective=DiffusionObjective(cfg), generator=gen))
+    loss = functools.partial(step_loss, cfg=cfg, objective=DiffusionObjective(cfg), generator=gen)
+    model = distributed.wrap(net, loss)
     torch.save({"ddp": isinstance(model, torch.nn.parallel.DistributedDataParallel), "world": distributed.world_size(),
                 "grads": _gradients(model, net, image, label)}, Path(out) / f"grads{rank}.pt")
 
@@ -74,7 +76,8 @@ def test_gradients_are_averaged_over_the_ranks(ddp_run, one_thread):
         torch.manual_seed(0)
         net = build_network(cfg)
         image, label, gen = _batch(rank, cfg)
-        model = distributed.wrap(net, functools.partial(step_loss, cfg=cfg, objective=DiffusionObjective(cfg), generator=gen))
+        loss = functools.partial(step_loss, cfg=cfg, objective=DiffusionObjective(cfg), generator=gen)
+        model = distributed.wrap(net, loss)
         assert not isinstance(model, torch.nn.parallel.DistributedDataParallel)  # no process group here
         local.append(_gradients(model, net, image, label))
     mean = [(a + b) / 2 for a, b in zip(*local)]
@@ -97,23 +100,24 @@ def test_every_rank_trains_and_rank0_alone_validates_reports_and_saves(ddp_run):
     assert payload["config"]["labels"] == ["organ", "lesion"]
 
 
-def test_rank_devices_follow_monai_label_options():
+def test_rank_devices_follow_monai_label_options(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert distributed.rank_devices(False, "0,1", "cpu") == ["cpu"]
     assert distributed.rank_devices(True, "0,1", "cpu") == ["cpu", "cpu"]  # no CUDA: one CPU process per id
     assert distributed.rank_devices(True, "1", "cpu") == ["cpu"]
-    if not torch.cuda.is_available():
-        assert distributed.rank_devices(True, "all", "cpu") == ["cpu"]
+    assert distributed.rank_devices(True, "all", "cpu") == ["cpu"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # how MONAI Label's task runner passes gpus "0,1"
+    assert distributed.rank_devices(True, "all", "cpu") == ["cpu", "cpu"]
     with pytest.raises(ValueError, match="gpus"):
         distributed.rank_devices(True, "first,second", "cpu")
 
 
-def test_app_trainer_multi_gpu_runs_two_processes(tmp_path):
-    """``segdiff_train`` with ``multi_gpu`` and ``gpus="0,1"`` on a CPU machine: DDP on 2 processes,
+def test_app_trainer_multi_gpu_runs_two_processes(tmp_path, monkeypatch):
+    """``segdiff_train`` with ``multi_gpu`` and ``gpus="0,1"`` on a CPU machine, as MONAI Label's task
+    runner hands it over (``gpus`` "all", the ids in ``CUDA_VISIBLE_DEVICES``): DDP on 2 processes,
     rank 0's progress reaches train_stats.json in the trainer's process, the model is published."""
     from monailabel.datastore.local import LocalDatastore
-
-    from conftest import APP
-    import sys
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     sys.path.insert(0, str(APP))
     try:
@@ -125,11 +129,17 @@ def test_app_trainer_multi_gpu_runs_two_processes(tmp_path):
     model = tmp_path / "model" / "segdiff.pt"
     model.parent.mkdir()
     task = SegDiffTrain(str(model), str(studies), network="concat", device="cpu")
-    stats = task({"multi_gpu": True, "gpus": "0,1", "device": "cpu", "max_epochs": 1, "max_minutes": 0,
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    stats = task({"multi_gpu": True, "gpus": "all", "device": "cpu", "max_epochs": 1, "max_minutes": 0,
                   "iterations_per_epoch": 2, "train_batch_size": 2, "pretrained": False, "tracking": "tensorboard"},
                  datastore)
     assert stats["status"] == "DONE" and stats["world_size"] == 2 and stats["rank_steps"] == [2, 2]
     assert stats["published"] and model.is_file()
     progress = json.loads((model.parent / "train_stats.json").read_text())
     assert progress["epoch"] == 1 and progress["world_size"] == 2
-    assert list((model.parent / "runs").glob("*/events.out.tfevents.*"))  # TensorBoard from rank 0's stats
+    runs = list((model.parent / "runs").iterdir())  # TensorBoard, from rank 0's stats
+    assert len(runs) == 1
+    events = EventAccumulator(str(runs[0]))
+    events.Reload()
+    assert {"train/loss", "train/lr", "val/dice"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1]

@@ -88,9 +88,16 @@ def test_seg_nrrd_labels_in_a_studies_folder_train_like_nifti(tmp_path):
     assert [it["label"].endswith(".seg.nrrd") for it in items] == [True, True]
     cfg = tiny_config()
     from_slicer = load_cases(items, cfg)
-    from_nifti = load_cases([dict(it, label=str(PHANTOMS / "labels" / "final" / f"{it['id']}.nii.gz")) for it in items], cfg)
+    nifti_items = [dict(it, label=str(PHANTOMS / "labels" / "final" / f"{it['id']}.nii.gz")) for it in items]
+    from_nifti = load_cases(nifti_items, cfg)
     for (img_a, lab_a), (img_b, lab_b) in zip(from_slicer, from_nifti):
         assert torch.equal(img_a, img_b) and torch.equal(lab_a, lab_b)
+    # evaluate / al-simulate read reference labels on the input grid the same way
+    from monai_segdiff.segmenter import load_label
+
+    for it in items:
+        truth = np.asarray(nib.load(PHANTOMS / "labels" / "final" / f"{it['id']}.nii.gz").dataobj)
+        assert np.array_equal(load_label(it["label"], cfg.label_names)[0].numpy(), truth)
 
 
 def _swap(label: np.ndarray) -> np.ndarray:
