@@ -1,6 +1,6 @@
 """What each speed lever of the performance issue buys, measured side by side in one process.
 
-usage: python benchmarks/levers.py [--model CKPT] [--studies DIR] [--repeats 3] [--output FILE.json]
+usage: python benchmarks/levers.py [--model CKPT] [--studies DIR] [--repeats 3] [--compile] [--output FILE.json]
 
 Every lever runs the same network on the same preprocessed volumes; timings are medians over
 interleaved repeats (lever order rotates each round, so load on a shared machine hits all alike), and
@@ -10,7 +10,8 @@ segmentation is not the same product. Levers:
 - ``eager``: the library default (fp32, contiguous, ``torch.inference_mode``), the reference.
 - ``channels_last``: network and inputs in channels-last memory format.
 - ``bf16``: CPU autocast to bfloat16.
-- ``compile``: ``torch.compile`` of the per-step forward (compile time reported separately).
+- ``compile``: ``torch.compile`` of the per-step forward (compile time reported separately; only
+  with ``--compile``: it took 12 minutes to compile here and then ran slower than eager).
 - ``onnxruntime``: the per-step forward exported to ONNX and run by ONNX Runtime (when installed).
 - ``threads1``: one intra-op thread instead of all cores.
 - ``steps{1,2,4,8}``: DDIM steps; ``samples{3,5}``: ensemble size.
@@ -102,6 +103,7 @@ def main() -> int:
     ap.add_argument("--studies", default=str(REPO / "sample-data/phantoms"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cases", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also try torch.compile (slow to compile)")
     ap.add_argument("--output")
     args = ap.parse_args()
 
@@ -142,6 +144,8 @@ def main() -> int:
     cl_net = copy.deepcopy(net).to(memory_format=torch.channels_last)
     notes = {}
     try:
+        if not args.compile:
+            raise RuntimeError("not run (pass --compile)")
         t0 = time.perf_counter()
         compiled = StepWrapper(net, torch.compile(net.forward, dynamic=True))
         run(compiled)  # warm-up compiles

@@ -172,7 +172,8 @@ def test_uploads_of_bad_images_are_refused(srv):
         assert_4xx(r, status, *words)
     assert sorted(p.name for p in studies.iterdir()) == before  # nothing stored
     assert not list(studies.parent.glob("escaped*")) and not list(studies.parent.parent.glob("escaped*"))
-    assert np.array_equal(np.asarray(phantom().dataobj), np.asarray(nib.load(str(studies / "phantom_000.nii.gz")).dataobj))
+    stored = nib.load(str(studies / "phantom_000.nii.gz"))
+    assert np.array_equal(np.asarray(phantom().dataobj), np.asarray(stored.dataobj))
     still_serving(srv)
 
 
@@ -412,7 +413,7 @@ def fifty_requests(srv, ids: list[str]) -> list[tuple[int, float, object]]:
         t = time.perf_counter()
         model = "segdiff" if i % 2 else "segdiff_uncertainty"
         try:
-            r = infer(srv, model, image=ids[i % len(ids)], params={"samples": 1 + i % 2})
+            r = infer(srv, model, image=ids[(i // 2) % len(ids)], params={"samples": 1 + 2 * (i % 2)})
         except requests.RequestException as e:  # no answer at all: counted as a failure below
             return -1, time.perf_counter() - t, repr(e)
         return r.status_code, time.perf_counter() - t, r.json().get("cached") if r.ok else r.text[:200]
@@ -422,16 +423,29 @@ def fifty_requests(srv, ids: list[str]) -> list[tuple[int, float, object]]:
 
 
 def test_fifty_concurrent_infer_requests(srv):
-    ids = [srv["unlabeled"][0], "phantom_003"]  # x samples 1 / 2: 4 ensembles, the size of the cache
+    ids = [srv["unlabeled"][0], "phantom_003"]  # x samples 1 / 3: 4 ensembles, the size of the cache
     pid = srv["server"].proc.pid
     base = psutil.Process(pid).memory_info().rss
+    info, done = [], threading.Event()
+
+    def poll_info():  # another annotator's /info during the burst
+        while not done.is_set():
+            t = time.perf_counter()
+            info.append((requests.get(f"{srv['url']}/info/", timeout=600).status_code, time.perf_counter() - t))
+            time.sleep(0.2)
+
+    poller = threading.Thread(target=poll_info)
     with RssSampler(pid) as first:
         t0 = time.perf_counter()
+        poller.start()
         results = fifty_requests(srv, ids)
         wall = time.perf_counter() - t0
+        done.set()
+        poller.join()
     statuses = Counter(r[0] for r in results)
     assert set(statuses) <= {200, 429, 503}, dump(results)  # a result or a clear busy answer, never an error
-    assert statuses[200] >= 1
+    assert info and all(status == 200 for status, _ in info)
+    assert statuses[200] >= 1 and Counter(str(r[2]) for r in results)["False"] == 4  # 4 ensembles computed
     with RssSampler(pid) as second:  # the same 50 again: all from the prediction cache
         again = fifty_requests(srv, ids)
     assert Counter(r[0] for r in again) == Counter({200: 50}), dump(again)
@@ -439,6 +453,7 @@ def test_fifty_concurrent_infer_requests(srv):
     RESULTS["load"] = {
         "answers": dict(statuses), "cached": dict(Counter(str(r[2]) for r in results)),
         "wall_s": round(wall, 1), "slowest_s": round(max(r[1] for r in results), 1),
+        "info_during_burst": len(info), "info_slowest_s": round(max(t for _, t in info), 1),
         "rss_before_mb": round(base / 1e6), "rss_peak_mb": round(peak / 1e6),
         "rss_after_round1_mb": round(first.values[-1] / 1e6), "rss_after_round2_mb": round(second.values[-1] / 1e6),
     }
@@ -477,7 +492,7 @@ def test_infer_during_training_and_sigkill_mid_epoch(srv):
     served_before = os.stat(srv["model"]).st_mtime
     ids = [srv["unlabeled"][1], "phantom_004", "phantom_005"]
     params = {"pretrained": False, "network": "concat", "max_epochs": 100, "max_minutes": 0,
-              "iterations_per_epoch": 6, "train_batch_size": 2, "val_split": 0.05, "tracking": "none"}
+              "iterations_per_epoch": 3, "train_batch_size": 2, "val_split": 0.1, "tracking": "none"}
     r = train(srv, params)
     assert r.status_code == 200, r.text
     answers, i = [], 0
@@ -526,7 +541,7 @@ def test_infer_during_training_and_sigkill_mid_epoch(srv):
     # the next training starts cleanly and finishes
     t0 = time.perf_counter()
     r = train(srv, {"pretrained": True, "max_epochs": 1, "iterations_per_epoch": 2, "train_batch_size": 2,
-                    "val_split": 0.05, "tracking": "none"})
+                    "val_split": 0, "tracking": "none"})
     assert r.status_code == 200, r.text
     done = wait_train_done(srv, timeout=300)
     assert done["status"] == "DONE", dump(done) + srv["server"].tail()
@@ -574,6 +589,8 @@ def test_training_with_zero_or_one_labelled_image_is_refused(srv):
     wait_for(lambda: count() == 0, timeout=60, interval=0.5, what="last label removed")
     assert_4xx(train(srv, {"max_epochs": 1}), 422, "has 0")
     assert task_idle(srv, "train")
+    kept = srv["studies"] / ".segdiff" / "replaced" / "final"
+    assert {p.name for p in kept.iterdir()} >= {f"{i}.nii.gz" for i in labelled}  # removed labels are kept
     still_serving(srv)
 
 

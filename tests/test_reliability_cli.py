@@ -110,7 +110,8 @@ def test_cli_infer_refuses_a_grid_too_large_after_resampling(images, tiny_model,
     # 50 mm voxels resampled to the model's 0.5 mm: 6400 x 6400 x 4 voxels, refused before Spacingd
     state, cfg, _ = load_checkpoint(tiny_model)
     fine = save_checkpoint(tmp_path / "fine.pt", state, cfg.replace(spacing=[0.5, 0.5, -1.0]))
-    rc, err = cli(capsys, "infer", "--model", fine, "--image", images["coarse"], "--output", tmp_path / "out", "--quiet")
+    rc, err = cli(capsys, "infer", "--model", fine, "--image", images["coarse"], "--output", tmp_path / "out",
+                  "--quiet")
     assert_one_line_error(rc, err, "would be", "limit")
 
 
@@ -119,6 +120,7 @@ def test_cli_infer_refuses_a_corrupted_checkpoint_and_bad_options(images, tiny_m
     corrupted.write_bytes(tiny_model.read_bytes()[: tiny_model.stat().st_size // 3])
     args = ["infer", "--image", images["ok"], "--output", tmp_path / "out", "--quiet"]
     assert_one_line_error(*cli(capsys, *args, "--model", corrupted), "not a readable monai-segdiff checkpoint")
+    assert_one_line_error(*cli(capsys, *args, "--model", tmp_path / "never_trained.pt"), "not found")
     assert_one_line_error(*cli(capsys, *args, "--model", tiny_model, "--steps", "-1"), "steps")
     assert_one_line_error(*cli(capsys, *args, "--model", tiny_model, "--samples", "-3"), "samples")
     assert not (tmp_path / "out").exists()

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import threading
 
 import monai_segdiff
 from fastapi import HTTPException
+from lib.auth import close_open_routes, fix_token_validation
 from lib.configs import SegDiffTaskConfig
 from lib.datastore import SegDiffDICOMWebDatastore
 from lib.labels import present_values, remap_label_file, seg_label_info, value_mapping
@@ -34,13 +36,40 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.async_tasks.utils import tasks as background_tasks
 
+from monai_segdiff.config import NETWORKS
+
 logger = logging.getLogger(__name__)
 
 MIN_TRAIN_CASES = 2  # one final label to train on and one held out to validate before publishing
+TRAIN_NUMBERS = {  # option: (lowest allowed, highest allowed or None, lowest excluded)
+    "max_epochs": (0, None, False), "max_minutes": (0, None, False), "iterations_per_epoch": (0, None, False),
+    "train_batch_size": (1, None, False), "learning_rate": (0, None, True), "val_split": (0, 0.9, False),
+}
+
+
+def check_train_request(request: dict) -> None:
+    """HTTP 422 for train options the trainer cannot use (it would fail, or silently fall back to a default)."""
+    network = request.get("network")
+    if network not in (None, "") and network not in NETWORKS:
+        raise HTTPException(422, f"unknown network {network!r}; use one of {', '.join(NETWORKS)}")
+    for key, (low, high, open_low) in TRAIN_NUMBERS.items():
+        value = request.get(key)
+        if value is None or value == "":
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not (number > low if open_low else number >= low) or (high is not None and number > high):
+            limit = (f"> {low}" if open_low else f">= {low}") + (f" and <= {high}" if high is not None else "")
+            raise HTTPException(422, f"{key} must be a number {limit}, got {value!r}")
 
 
 class SegDiffApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        if settings.MONAI_LABEL_AUTH_ENABLE:  # MONAI Label 0.8.5's gaps (lib/auth.py)
+            fix_token_validation()  # else every token is refused (PyJWT 2)
+            close_open_routes()  # POST /reload needs no token
         self.model_dir = os.path.join(app_dir, "model")
         self.task = SegDiffTaskConfig()
         self.task.init("segdiff", self.model_dir, conf, None, studies=studies)
@@ -140,8 +169,9 @@ class SegDiffApp(MONAILabelApp):
 
     def bundle_path(self, model):
         """MONAI Label 0.8.5 calls this in the request thread just before it starts a train subprocess
-        (``AsyncTask.run``): the place to refuse a training that cannot work with a 4xx answer
-        instead of a background task that fails later."""
+        (``AsyncTask.run``): the place to refuse a training that cannot work with a 4xx answer instead
+        of a background task that fails later. It passes only the model name; the request's options
+        are read from the caller's ``request`` (left unchecked here if MONAI Label's code differs)."""
         if model in self._trainers:
             labelled = len(self.datastore().get_labeled_images())
             if labelled < MIN_TRAIN_CASES:
@@ -150,6 +180,10 @@ class SegDiffApp(MONAILabelApp):
                     f"training needs at least {MIN_TRAIN_CASES} images with a final label (one is held out to "
                     f"check the model before it replaces the served one); the datastore has {labelled}",
                 )
+            caller = sys._getframe(1)
+            request = caller.f_locals.get("request") if caller.f_code.co_name == "run" else None
+            if isinstance(request, dict):
+                check_train_request(request)
         return super().bundle_path(model)
 
     @staticmethod

@@ -8,7 +8,7 @@ anywhere and runs for days.
   that does not exist -> 404. A rejected upload never touches the stored files.
 * A user's label is never lost: an empty label does not replace a non-empty one (409), an image that
   has labels is not replaced by another upload under its id (409), and the version a new label replaces
-  is kept as ``<studies>/.segdiff/replaced/<tag>/<file>``.
+  (or an admin's ``DELETE`` removes) is kept as ``<studies>/.segdiff/replaced/<tag>/<file>``.
 * Files are written atomically (temporary file in the same folder + rename): no reader -- the server,
   a training or scoring subprocess, a crash -- ever sees half a label, image or ``datastore_v2.json``.
   A ``datastore_v2.json`` that cannot be parsed (a crash of an older version) is set aside and the
@@ -226,6 +226,13 @@ class SegDiffLocalDatastore(LocalDatastore):
             self._update_datastore_file(lock=False)
         logger.info(f"Saved {tag} label of {image_id} => {dest} (values {found['values']})")
         return image_id
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        """Remove a label (``DELETE /datastore/label``, admins), keeping the removed version like a replaced one."""
+        path = self.get_label_uri(label_id, label_tag)
+        if path and os.path.isfile(path):
+            self._keep_replaced(path, label_tag)
+        super().remove_label(label_id, label_tag)
 
     def _keep_replaced(self, path: str, tag: str) -> None:
         """Keep the version a new label replaces (one per image and tag) under ``.segdiff/replaced/``."""

@@ -62,9 +62,8 @@ def check_device(device: Any) -> str:
         d = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         d = None
-    usable = d is not None and (
-        d.type == "cpu" or (d.type == "cuda" and torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count())
-    )
+    cuda = d is not None and d.type == "cuda" and torch.cuda.is_available()
+    usable = d is not None and (d.type == "cpu" or (cuda and (d.index or 0) < torch.cuda.device_count()))
     if not usable:
         raise BadOptionError(f"device must be one of {', '.join(device_list())}, got {device!r}")
     return str(device)
@@ -86,6 +85,14 @@ def image_dims(model: SegDiffModel) -> int:
     """MONAI Label's ``dimension`` of the served model: 2 if it was trained on 2D images, else 3."""
     cfg = model.config()
     return cfg.image_dims if cfg is not None else 3
+
+
+def affine_2d_to_3d(affine: np.ndarray) -> np.ndarray:
+    """A 2D image's 3x3 affine as the 4x4 affine of a one-slice volume: MONAI Label's writer drops the
+    affine of a 2D result, so a 2D NIfTI / NRRD answer is written as one slice on the image's grid."""
+    full = np.eye(4)
+    full[:2, :2], full[:2, 3] = affine[:2, :2], affine[:2, 2]
+    return full
 
 
 def result_extension(image: str) -> str:
@@ -148,9 +155,12 @@ class SegDiffInfer(BasicInferTask):
         samples, steps = self.check_options(data)
         pred, cached = self.model.predict(image, samples=samples, steps=steps, device=check_device(device))
         data.setdefault("result_extension", result_extension(image))
-        data["pred_meta_dict"] = {"affine": pred.affine}
         data["result"] = plain(self.result_json(pred, cached))
-        data[self.output_label_key] = self.output(pred, data)
+        out, affine = self.output(pred, data), pred.affine
+        if out.ndim == 2 and not is_picture(image):  # MONAI Label's writer drops a 2D result's geometry
+            out, affine = out[..., None], affine_2d_to_3d(affine) if affine.shape == (3, 3) else affine
+        data["pred_meta_dict"] = {"affine": affine}
+        data[self.output_label_key] = out
         return data
 
     def check_options(self, data: dict[str, Any]) -> tuple[int | None, int | None]:
