@@ -57,7 +57,7 @@ def export_bundle(checkpoint: str | os.PathLike, output: str | os.PathLike, name
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        from .io import write_json
+        from .io import _umask, write_json
 
         save_checkpoint(tmp / "models" / "model.pt", state, cfg)
         write_json(metadata(cfg, name or f"segdiff_{cfg.network}", rest), tmp / "configs" / "metadata.json")
@@ -73,12 +73,6 @@ def export_bundle(checkpoint: str | os.PathLike, output: str | os.PathLike, name
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def metadata(cfg: SegDiffConfig, name: str, rest: dict | None = None) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -184,25 +183,10 @@ class SegDiffConfig:
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict, config: SegDiffConfig, **extra: Any) -> Path:
     """Write ``{"model", "config", **extra}`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .io import atomic_write
+
     payload = {"model": {k: v.detach().cpu() for k, v in state_dict.items()}, "config": config.to_dict(), **extra}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a model must be readable by others
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp), keep_suffix=False)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, SegDiffConfig, dict]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +19,32 @@ import numpy as np
 import torch
 
 
-def _atomic(path: Path, write) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], object], keep_suffix: bool = True) -> Path:
+    """Write a file through ``write(tmp)`` into a temporary file next to ``path`` (same file system),
+    flush it to disk and rename it over ``path``: readers see the old or the complete new file, never
+    a partial one. The temporary name is hidden (``.<name>.<random>.tmp``) and, with ``keep_suffix``,
+    ends in the file's own suffixes so writers that go by extension pick the right format; a
+    watcher matching ``*.nii.gz`` would see it, so a datastore passes ``keep_suffix=False``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    suffix = ".tmp" + ("".join(path.suffixes) if keep_suffix else "")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs are for others to read too
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def copy_atomic(src: str | Path, dest: str | Path, keep_suffix: bool = True) -> Path:
+    """Copy ``src`` over ``dest`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp), keep_suffix)
 
 
 def _umask() -> int:
@@ -52,7 +67,7 @@ def write_nifti(array: torch.Tensor | np.ndarray, affine: torch.Tensor | np.ndar
         aff = full
     img = nib.Nifti1Image(arr, aff)
     img.header.set_xyzt_units("mm")
-    return _atomic(Path(path), lambda tmp: nib.save(img, tmp))
+    return atomic_write(Path(path), lambda tmp: nib.save(img, tmp))
 
 
 def write_png(array: torch.Tensor | np.ndarray, path: str | Path) -> Path:
@@ -72,7 +87,7 @@ def write_png(array: torch.Tensor | np.ndarray, path: str | Path) -> Path:
         raise ValueError(f"write_png needs values in 0..255, got {arr.min()}..{arr.max()}")
     writer = PILWriter(output_dtype=np.uint8, scale=None)
     writer.set_data_array(np.rint(arr).astype(np.uint8), channel_dim=0)
-    return _atomic(Path(path), lambda tmp: writer.write(tmp, format="PNG"))
+    return atomic_write(Path(path), lambda tmp: writer.write(tmp, format="PNG"))
 
 
 def heatmap_rgb(values: torch.Tensor | np.ndarray, cmap: str = "inferno", vmax: float = 1.0) -> np.ndarray:
@@ -131,7 +146,7 @@ def write_prediction(
 
 def write_json(data: Any, path: str | Path) -> Path:
     text = json.dumps(data, indent=2, default=_plain)
-    return _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+    return atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def _plain(o: Any) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import _atomic
+from .io import atomic_write
 
 __all__ = [
     "finite",
@@ -141,7 +141,7 @@ def _figure(width: float, height: float):
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
-    return _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _label_cmap(num_labels: int):
@@ -299,7 +299,7 @@ def plot_learning_curves(
 # --------------------------------------------------------------------------------------------- HTML
 def write_text(text: str, path: str | Path) -> Path:
     """Write a text file atomically."""
-    return _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

@@ -96,7 +96,7 @@ def write_seg_nrrd(
     that value, named and coloured. Atomic (temp file + rename)."""
     import slicerio
 
-    from .io import _atomic
+    from .io import atomic_write
 
     arr = np.asarray(torch.as_tensor(label).detach().cpu())
     two_d = tuple(torch.as_tensor(affine).shape) == (3, 3)
@@ -120,7 +120,7 @@ def write_seg_nrrd(
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
     }
-    return _atomic(Path(path), lambda tmp: slicerio.write_segmentation(tmp, segmentation))
+    return atomic_write(Path(path), lambda tmp: slicerio.write_segmentation(tmp, segmentation))
 
 
 def _color(value: int) -> list[float]:

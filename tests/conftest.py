@@ -57,6 +57,18 @@ def tiny_model(tmp_path_factory) -> Path:
     return out
 
 
+def labelled_phantoms(dest: Path, count: int) -> Path:
+    """A studies folder at ``dest`` with the first ``count`` phantoms, their final labels and
+    ``labels.json``."""
+    (dest / "labels" / "final").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        name = f"phantom_{i:03d}.nii.gz"
+        shutil.copy(PHANTOMS / name, dest / name)
+        shutil.copy(PHANTOMS / "labels" / "final" / name, dest / "labels" / "final" / name)
+    shutil.copy(PHANTOMS / "labels.json", dest / "labels.json")
+    return dest
+
+
 def make_studies(dest: Path, unlabeled: int = 8) -> tuple[Path, list[str]]:
     """Copy the phantoms (images, ``labels/final``, ``labels.json``) to ``dest`` and delete the final
     labels of the last ``unlabeled`` images. Returns ``(dest, ids of the unlabeled images)``."""

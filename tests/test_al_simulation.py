@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import strict_json
+from conftest import labelled_phantoms, strict_json
 
 from monai_segdiff.al_simulation import (
     SimulationSettings,
@@ -67,14 +66,7 @@ def test_settings_validate_and_accept_aliases():
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory) -> Path:
     """Seven labelled phantoms: 2 test cases, a pool of 5."""
-    root = tmp_path_factory.mktemp("studies")
-    (root / "labels" / "final").mkdir(parents=True)
-    for i in range(7):
-        name = f"phantom_{i:03d}.nii.gz"
-        shutil.copy(PHANTOMS / name, root / name)
-        shutil.copy(PHANTOMS / "labels" / "final" / name, root / "labels" / "final" / name)
-    shutil.copy(PHANTOMS / "labels.json", root / "labels.json")
-    return root
+    return labelled_phantoms(tmp_path_factory.mktemp("studies"), 7)
 
 
 def test_mc_dropout_scorer_uses_the_case_score_of_its_samples(studies, tmp_path):

@@ -4,13 +4,12 @@ compared weight for weight (one thread, fixed seed: bit-identical runs)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import PHANTOMS, tiny_config
+from conftest import PHANTOMS, labelled_phantoms, tiny_config
 
 from monai_segdiff import data
 from monai_segdiff.cli import TRAIN_DEFAULTS, _train_actions, main
@@ -24,14 +23,7 @@ ITERATIONS = 3  # per epoch
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory) -> Path:
     """Three labelled phantoms."""
-    root = tmp_path_factory.mktemp("studies")
-    (root / "labels" / "final").mkdir(parents=True)
-    for i in range(3):
-        name = f"phantom_{i:03d}.nii.gz"
-        shutil.copy(PHANTOMS / name, root / name)
-        shutil.copy(PHANTOMS / "labels" / "final" / name, root / "labels" / "final" / name)
-    shutil.copy(PHANTOMS / "labels.json", root / "labels.json")
-    return root
+    return labelled_phantoms(tmp_path_factory.mktemp("studies"), 3)
 
 
 # a small run, as YAML (mixing the accepted spellings) and as the equivalent flags

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import PHANTOMS
+from conftest import labelled_phantoms
 from monai_segdiff.cli import main
 from monai_segdiff.tracking import TensorBoardCallback
 
@@ -24,14 +23,7 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("studies")
-    (root / "labels" / "final").mkdir(parents=True)
-    for i in range(3):
-        name = f"phantom_{i:03d}.nii.gz"
-        shutil.copy(PHANTOMS / name, root / name)
-        shutil.copy(PHANTOMS / "labels" / "final" / name, root / "labels" / "final" / name)
-    shutil.copy(PHANTOMS / "labels.json", root / "labels.json")
-    return root
+    return labelled_phantoms(tmp_path_factory.mktemp("studies"), 3)
 
 
 def test_cli_train_writes_loss_dice_and_lr(studies, tmp_path, capsys, one_thread):

@@ -21,11 +21,10 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
+from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
@@ -33,6 +32,8 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from monai_segdiff.io import atomic_write
+from monai_segdiff.io import copy_atomic as _copy_atomic
 from monai_segdiff.transforms import InputError
 from monai_segdiff.validation import check_image_file, check_label_file
 
@@ -65,45 +66,14 @@ def check_tag(value: Any) -> str:
 
 
 def copy_atomic(src: str, dest: str) -> None:
-    """Copy ``src`` to ``dest`` so that ``dest`` is always either the old or the complete new file.
-
-    The temporary file sits next to ``dest`` (same file system, so the rename is atomic) with a name
-    the datastore's file patterns do not match (``.<name>.<random>.tmp``).
-    """
-    folder = os.path.dirname(dest) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(dest)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            shutil.copyfileobj(f, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Copy ``src`` over ``dest``: ``dest`` is always the old or the complete new file. The temporary
+    file's name (``.<name>.<random>.tmp``) matches none of the datastore's file patterns."""
+    _copy_atomic(src, dest, keep_suffix=False)
 
 
 def write_text_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file + rename (see `copy_atomic`)."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text), keep_suffix=False)
 
 
 def _status(e: InputError) -> HTTPException:

@@ -17,8 +17,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from monailabel.utils.others.generic import name_to_device
 from monai_segdiff import data as sd_data
 from monai_segdiff import distributed
 from monai_segdiff.config import NETWORKS, CheckpointError, SegDiffConfig, load_checkpoint
+from monai_segdiff.io import copy_atomic, write_json
 from monai_segdiff.labelset import label_names as studies_label_names
 from monai_segdiff.networks import build_network
 from monai_segdiff.tracking import TensorBoardCallback, run_dir
@@ -69,31 +68,6 @@ def _number(value: Any, kind=float, default=None):
 
 def _hms(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(seconds)))
-
-
-def publish(src: str, dst: str) -> None:
-    """Copy ``src`` over ``dst`` atomically (readers see the old or the new file, never a partial one)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst) or ".", prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".train_stats.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(plain(payload), f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class SegDiffTrain(TrainTask):
@@ -227,7 +201,7 @@ class SegDiffTrain(TrainTask):
                 last_saved[0] = saved
                 base["best_metric_epoch"] = s["epoch"]
                 if baseline is None or s["best_dice"] > baseline:
-                    publish(candidate, self.model_path)
+                    copy_atomic(candidate, self.model_path, keep_suffix=False)  # readers: old or new file
                     base["published"] = True
                     logger.info(f"epoch {s['epoch']}: published {self.model_path} (val_dice {best:.4f})")
             self._write({**base, "current_time": _hms(elapsed)})
@@ -328,6 +302,6 @@ class SegDiffTrain(TrainTask):
 
     def _write(self, stats: dict) -> None:
         try:
-            write_json_atomic(self.stats_path, stats)
+            write_json(plain(stats), self.stats_path)
         except OSError as e:
             logger.warning(f"cannot write train stats {self.stats_path}: {e}")
