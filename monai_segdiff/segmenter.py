@@ -204,14 +204,37 @@ class Segmenter:
         if pre.shape[1:] == img.shape[1:] and torch.allclose(pre.affine.double(), img.affine.double(), atol=1e-4):
             label, u = label_pre[None].to(torch.uint8), umap[None].float()
         else:
-            resample = ResampleToMatch(mode="bilinear", padding_mode="border")
-            u = resample(MetaTensor(umap[None], affine=pre.affine), img_dst=img)
-            if self.cfg.fusion == "mean":  # argmax of resampled probabilities: smooth boundaries
-                p = resample(MetaTensor(probs, affine=pre.affine), img_dst=img)
-                label = p.argmax(0, keepdim=True).to(torch.uint8)
-            else:
-                nearest = ResampleToMatch(mode="nearest", padding_mode="border")
-                label = nearest(MetaTensor(label_pre[None].float(), affine=pre.affine), img_dst=img).to(torch.uint8)
+            label = torch.zeros(1, *img.shape[1:], dtype=torch.uint8)
+            u = torch.zeros(1, *img.shape[1:], dtype=torch.float32)
+            linear = ResampleToMatch(mode="bilinear", padding_mode="border")
+            nearest = ResampleToMatch(mode="nearest", padding_mode="border")
+            src_u, src_p = MetaTensor(umap[None], affine=pre.affine), MetaTensor(probs, affine=pre.affine)
+            src_l = MetaTensor(label_pre[None].float(), affine=pre.affine)
+            for z, dst in destination_slabs(img):
+                u[..., z] = linear(src_u, img_dst=dst)[0].as_tensor()
+                if self.cfg.fusion == "mean":  # argmax of resampled probabilities: smooth boundaries
+                    label[..., z] = linear(src_p, img_dst=dst).as_tensor().argmax(0).to(torch.uint8)
+                else:
+                    label[..., z] = nearest(src_l, img_dst=dst)[0].as_tensor().to(torch.uint8)
         meta = dict(img.meta)
         return MetaTensor(torch.as_tensor(label), meta=meta), MetaTensor(torch.as_tensor(u).float(), meta=meta)
+
+
+def destination_slabs(img: MetaTensor, max_voxels: int = 2**22):
+    """Yield ``(slice, empty slab with its affine)`` along the last axis of a 3D image's grid, so that
+    resampling to a CT-sized grid holds one slab's sampling grid at a time (MONAI's ``Resample``
+    builds a float grid of 3 coordinates per output voxel: 0.9 GiB for 512x512x300 and each of the
+    probability channels, which took the infer's peak memory to 8 GiB). 2D images: one slab."""
+    spatial = img.shape[1:]
+    if len(spatial) < 3:
+        yield slice(None), MetaTensor(torch.empty(1, *spatial), affine=img.affine)
+        return
+    depth = spatial[-1]
+    step = max(1, max_voxels // max(1, math.prod(spatial[:-1])))
+    affine = img.affine.double()
+    for z0 in range(0, depth, step):
+        z1 = min(depth, z0 + step)
+        slab_affine = affine.clone()
+        slab_affine[:3, 3] = affine[:3, 3] + affine[:3, 2] * z0  # voxel (i, j, k) -> (i, j, k + z0)
+        yield slice(z0, z1), MetaTensor(torch.empty(1, *spatial[:-1], z1 - z0), affine=slab_affine)
 
