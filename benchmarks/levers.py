@@ -30,21 +30,13 @@ import numpy as np
 import torch
 
 from monai_segdiff import data, metrics
+from monai_segdiff.bench import preprocessed_case
 from monai_segdiff.config import load_checkpoint
 from monai_segdiff.diffusion.inferer import SegDiffInferer
 from monai_segdiff.diffusion.sampler import DiffusionSampler
 from monai_segdiff.networks import build_network
-from monai_segdiff.transforms import apply, preprocess_transforms
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_cases(cfg, items):
-    out = []
-    for it in items:
-        d = apply(preprocess_transforms(cfg, label_keys=["label"]), {"image": it["image"], "label": it["label"]})
-        out.append((d["image"].as_tensor().float(), d["label"].as_tensor()[0].long()))
-    return out
 
 
 class StepWrapper(torch.nn.Module):
@@ -112,7 +104,7 @@ def main() -> int:
     net.load_state_dict(state)
     net.eval()
     _, val = data.split(data.labelled(data.datalist(args.studies)), 0.2, seed=0)
-    cases = load_cases(cfg, val[: args.cases])
+    cases = [preprocessed_case(cfg, it) for it in val[: args.cases]]
     threads = torch.get_num_threads()
 
     def run(model, steps=None, samples=None, autocast=False, channels_last=False, nthreads=threads):

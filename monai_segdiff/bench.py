@@ -40,7 +40,8 @@ def _median_time(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def _case(cfg: SegDiffConfig, item: dict):
+def preprocessed_case(cfg: SegDiffConfig, item: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image [C, ...], label map [...])`` of a labelled item, on the model's working grid."""
     d = apply(preprocess_transforms(cfg, label_keys=["label"]), {"image": item["image"], "label": item["label"]})
     return d["image"].as_tensor().float(), d["label"].as_tensor()[0].long()
 
@@ -55,7 +56,7 @@ def p1_seed_sampler(
     (its cost is one network call per step, member and slice). Its Dice comes from the full
     1000-step chain on the same slices with the members batched (same arithmetic, less waiting).
     """
-    img, lab = _case(cfg, item)
+    img, lab = preprocessed_case(cfg, item)
     fast = DiffusionSampler(cfg)
     fast_inf = SegDiffInferer(fast.probabilities, samples, cfg.num_classes, 2, cfg.context, cfg.divisor, seed=0)
     t_fast, out = _median_time(lambda: fast_inf(img, net), repeats)
@@ -164,7 +165,7 @@ def run(model: str, studies: str, quick: bool = True, samples: int = 5, repeats:
     out.update(p1_seed_sampler(net, cfg, items[0], samples, 1 if quick else 6, repeats, 50 if quick else None))
     log("P2 vs MC-dropout UNet")
     # P2 on a 128x128x64 volume as in the measured UNet numbers: the first case resampled up
-    img = _case(cfg, items[0])[0]
+    img = preprocessed_case(cfg, items[0])[0]
     vol = torch.nn.functional.interpolate(img[None], size=(128, 128, 32 if quick else 64), mode="trilinear")[0]
     out.update(p2_vs_mc_dropout(net, cfg, vol, samples, repeats))
     log("P3 peak memory, CT-sized volume")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, ResampleToMatch
+from monai.transforms import ResampleToMatch
 from torch import nn
 
 from . import uncertainty as unc
@@ -23,8 +23,8 @@ from .diffusion.inferer import EnsembleOutput, SegDiffInferer
 from .diffusion.sampler import build_sampler
 from .networks import build_network
 from .postprocess import PostProcess
-from .transforms import InputError, apply, binary_255_as_01, load_transforms, preprocess_transforms
-from .validation import check_image_size
+from .transforms import InputError, apply, binary_255_as_01, preprocess_transforms
+from .validation import read_files
 
 ImageFiles = str | Path | Sequence[str | Path]  # one file, or one file per channel
 
@@ -41,34 +41,17 @@ class Prediction:
     stats: dict = field(default_factory=dict)
 
 
-def _read(path: ImageFiles, key: str, label_names: dict[str, int] | None = None) -> MetaTensor:
-    paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
-    if not paths:
-        raise InputError("no image file given")
-    for p in paths:
-        if not p.is_file():
-            raise InputError(f"image not found: {p}")
-        check_image_size(p)  # from the header: a huge (or decompression-bomb) file is never read
-    names = [str(p) for p in paths]
-    try:  # the readers of training (transforms.load_transforms), so 2D pictures load the same way
-        load = Compose(load_transforms([key], label_names=label_names))
-        return load({key: names if len(names) > 1 else names[0]})[key]
-    except Exception as e:  # readers raise many types for a broken file
-        cause = e.__cause__ or e
-        raise InputError(f"cannot read image {', '.join(names)}: {str(cause).splitlines()[0][:200]}") from e
-
-
 def load_image(path: ImageFiles) -> MetaTensor:
     """Read an image channel first, float32: any format MONAI's ``LoadImaged`` reads (PNG/JPG through
     ``PILReader``: RGB -> 3 channels); several files (one per channel, same grid) are stacked as
     channels. ``InputError`` if missing or unreadable."""
-    return _read(path, "image")
+    return read_files(path, "image")
 
 
 def load_label(path: str | Path, label_names: dict[str, int] | None = None) -> MetaTensor:
     """Read a label map ``[1, *spatial]`` (pictures keep their pixel values; 0/255 masks -> 0/1; Slicer
     ``.seg.nrrd`` segments get the values of ``label_names`` by name)."""
-    lab = _read(path, "label", label_names)
+    lab = read_files(path, "label", label_names)
     return MetaTensor(binary_255_as_01(lab.round().as_tensor()), meta=lab.meta)
 
 
@@ -209,7 +192,7 @@ class Segmenter:
             linear = ResampleToMatch(mode="bilinear", padding_mode="border")
             nearest = ResampleToMatch(mode="nearest", padding_mode="border")
             src_u, src_p = MetaTensor(umap[None], affine=pre.affine), MetaTensor(probs, affine=pre.affine)
-            src_l = MetaTensor(label_pre[None].float(), affine=pre.affine)
+            src_l = None if self.cfg.fusion == "mean" else MetaTensor(label_pre[None].float(), affine=pre.affine)
             for z, dst in destination_slabs(img):
                 u[..., z] = linear(src_u, img_dst=dst)[0].as_tensor()
                 if self.cfg.fusion == "mean":  # argmax of resampled probabilities: smooth boundaries

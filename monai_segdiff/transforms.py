@@ -118,13 +118,21 @@ class CheckLabelsd(MapTransform):
         return d
 
 
-def _same_affine(a: torch.Tensor, b: torch.Tensor, tolerance: float = 0.01) -> bool:
-    """Two MetaTensors' affines agree within ``tolerance`` of the smallest voxel (True without affines)."""
+def same_grid(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, tolerance: float = 0.01) -> bool:
+    """True if two voxel-to-world affines agree within ``tolerance`` of the smallest voxel size."""
+    a = np.asarray(torch.as_tensor(a).detach().cpu(), dtype=np.float64)
+    b = np.asarray(torch.as_tensor(b).detach().cpu(), dtype=np.float64)
+    if a.shape != b.shape:
+        return False
+    voxel = float(np.linalg.norm(a[:-1, :-1], axis=0).min()) or 1.0
+    return float(np.abs(a - b).max()) <= tolerance * voxel
+
+
+def _same_affine(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two MetaTensors on the same grid (:func:`same_grid`); True without comparable affines."""
     if not (hasattr(a, "affine") and hasattr(b, "affine")) or a.affine.shape != b.affine.shape:
         return True
-    aff_a, aff_b = a.affine.double(), b.affine.double()
-    voxel = float(torch.linalg.norm(aff_a[:-1, :-1], dim=0).min()) or 1.0
-    return float((aff_a - aff_b).abs().max()) <= tolerance * voxel
+    return same_grid(a.affine, b.affine)
 
 
 def binary_255_as_01(label: torch.Tensor) -> torch.Tensor:

@@ -10,17 +10,16 @@ NIfTI, which notices a truncated file, where SimpleITK fills the missing voxels 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
-from .transforms import MAX_VOXELS, InputError, binary_255_as_01, load_transforms
+from .transforms import MAX_VOXELS, InputError, binary_255_as_01, load_transforms, same_grid
 
-__all__ = ["MAX_VOXELS", "check_image_file", "check_image_size", "check_label_file", "header_shape", "same_grid"]
+__all__ = ["MAX_VOXELS", "check_image_file", "check_image_size", "check_label_file", "header_shape", "read_files", "same_grid"]
 
 
 def header_shape(path: str | Path) -> tuple[int, ...] | None:
@@ -54,26 +53,34 @@ def check_image_size(path: str | Path, max_voxels: int = MAX_VOXELS) -> None:
         )
 
 
-def _load(path: str | Path, key: str, label_names: Mapping[str, int] | None = None) -> MetaTensor:
-    """Read one file channel first (float32) with the pipeline's readers; ``InputError`` if unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{key} not found: {path.name}")
-    if path.stat().st_size == 0:
-        raise InputError(f"{key} file {path.name} is empty (0 bytes)")
-    check_image_size(path)
+def read_files(
+    path: str | Path | Sequence[str | Path], key: str, label_names: Mapping[str, int] | None = None
+) -> MetaTensor:
+    """Read one file (or one file per channel) channel first with the pipeline's readers
+    (``transforms.load_transforms``, so 2D pictures load as in training); ``InputError`` if a file
+    is missing, empty, too large by its header (never read then) or unreadable."""
+    paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    if not paths:
+        raise InputError(f"no {key} file given")
+    for p in paths:
+        if not p.is_file():
+            raise InputError(f"{key} not found: {p}")
+        if p.stat().st_size == 0:
+            raise InputError(f"{key} file {p.name} is empty (0 bytes)")
+        check_image_size(p)
+    names = [str(p) for p in paths]
     try:
-        return Compose(load_transforms([key], label_names=label_names))({key: str(path)})[key]
+        return Compose(load_transforms([key], label_names=label_names))({key: names if len(names) > 1 else names[0]})[key]
     except Exception as e:  # readers raise many types for a broken file
         cause = e.__cause__ or e
-        raise InputError(f"cannot read {key} {path.name}: {str(cause).splitlines()[0][:200]}") from e
+        raise InputError(f"cannot read {key} {', '.join(names)}: {str(cause).splitlines()[0][:200]}") from e
 
 
 def check_image_file(path: str | Path, channels: int | None = 1) -> MetaTensor:
     """Read an image as inference and training will, and refuse what they cannot use: unreadable or
     truncated files, 1D / 4D+ data, another number of channels than ``channels`` (None: any), fewer
     than 8 voxels, no finite voxel. Returns the image ``[C, *spatial]``."""
-    img = _load(path, "image")
+    img = read_files(path, "image")
     spatial = tuple(img.shape[1:])
     if len(spatial) not in (2, 3):
         raise InputError(f"expected a 2D or 3D image, got {len(spatial)} spatial dimensions {spatial}")
@@ -89,16 +96,6 @@ def check_image_file(path: str | Path, channels: int | None = 1) -> MetaTensor:
     return img
 
 
-def same_grid(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, tolerance: float = 0.01) -> bool:
-    """True if two voxel-to-world affines agree within ``tolerance`` of the smallest voxel size."""
-    a = np.asarray(torch.as_tensor(a).detach().cpu(), dtype=np.float64)
-    b = np.asarray(torch.as_tensor(b).detach().cpu(), dtype=np.float64)
-    if a.shape != b.shape:
-        return False
-    voxel = float(np.linalg.norm(a[:-1, :-1], axis=0).min()) or 1.0
-    return float(np.abs(a - b).max()) <= tolerance * voxel
-
-
 def check_label_file(
     label: str | Path,
     image: str | Path | MetaTensor,
@@ -111,8 +108,8 @@ def check_label_file(
 
     ``label_names`` maps the segments of a 3D Slicer ``.seg.nrrd`` to values by name.
     """
-    img = image if isinstance(image, MetaTensor) else _load(image, "image")
-    lab = _load(label, "label", label_names)
+    img = image if isinstance(image, MetaTensor) else read_files(image, "image")
+    lab = read_files(label, "label", label_names)
     if lab.shape[0] != 1:
         raise InputError(f"the label has {lab.shape[0]} layers; send one label map (one value per voxel)")
     if tuple(lab.shape[1:]) != tuple(img.shape[1:]):
