@@ -23,7 +23,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "prediction_type": "sample", "steps": 4, "samples": 5, "intensity": "percentile", "seed": 0,
     "init": None, "resume": None, "iterations_per_epoch": None, "device": "cpu", "use_raters": None,
     "anchor": False, "boundary_loss": None, "extra": None,
-    "studies": None, "output": None, "postprocess": None, "quiet": False, "tensorboard": None,
+    "studies": None, "output": None, "postprocess": None, "quiet": False, "tensorboard": None, "augment": None,
 }
 # never taken over from the run that --resume continues (its other options are, unless given again)
 RESUME_OWN = ("studies", "output", "resume", "init", "quiet")
@@ -44,6 +44,16 @@ def _postprocess(text: str) -> list[str]:
         return parse_postprocess(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _augment(text: str) -> list[str]:
+    from .transforms import AUGMENTATIONS
+
+    names = [] if text.strip() == "none" else [v.strip() for v in text.split(",") if v.strip()]
+    if unknown := sorted(set(names) - set(AUGMENTATIONS)):
+        raise argparse.ArgumentTypeError(f"unknown augmentation {', '.join(unknown)}; "
+                                         f"choose from {', '.join(AUGMENTATIONS)} or 'none'")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", help="checkpoint to fine-tune from")
     t.add_argument("--postprocess", type=_postprocess,
                    help="default clean-up of the model's masks: median,largest_component,fill_holes")
+    t.add_argument("--augment", type=_augment,
+                   help="training augmentations: flip,intensity,noise (the default: all) or 'none'")
     t.add_argument("--resume", help="checkpoint to continue exactly from its <checkpoint>.state (weights, EMA, "
                    "optimiser, step, config, options); --epochs / --max-minutes then count from there")
     t.add_argument("--device")
@@ -237,6 +249,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             prediction_type=o["prediction_type"], sample_steps=o["steps"], num_samples=o["samples"],
             intensity=o["intensity"], postprocess=o["postprocess"] or [], extra=_extra(o),
         )
+    if o["augment"] is not None:  # also for --init / --resume: augmentation is a training choice
+        cfg = cfg.replace(augment=o["augment"])
     if not o["quiet"]:
         print(f"training {cfg.network} on {len(train_items)} cases (validation {len(val_items)}), "
               f"labels {cfg.labels}, spacing {cfg.spacing}", file=sys.stderr)

@@ -55,6 +55,8 @@ class SegDiffConfig:
         eta: DDIM eta (0 = deterministic given the initial noise).
         aux_dice_weight: weight of the auxiliary Dice loss on the predicted x0.
         foreground_fraction: share of training slices/patches centred on foreground.
+        augment: training augmentations of each sample (``flip``, ``intensity``, ``noise``; see
+            ``transforms.AUGMENTATIONS``); empty: none.
         uncertainty: voxel map written by infer (``entropy``, ``mutual_information``, ...).
         fusion: how members are fused into one label map (``mean``, ``vote``, ``staple``).
         postprocess: default clean-up of the fused mask (``median``, ``largest_component``,
@@ -87,6 +89,7 @@ class SegDiffConfig:
     eta: float = 0.0
     aux_dice_weight: float = 1.0
     foreground_fraction: float = 0.7
+    augment: list[str] = field(default_factory=lambda: ["flip", "intensity", "noise"])
     uncertainty: str = "entropy"
     fusion: str = "mean"
     postprocess: list[str] = field(default_factory=list)
@@ -126,6 +129,8 @@ class SegDiffConfig:
             errors.append(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if not self.labels or len(set(self.labels)) != len(self.labels):
             errors.append("labels must be a non-empty list of distinct names")
+        elif len(self.labels) > 255:
+            errors.append(f"at most 255 labels (label maps are 8-bit), got {len(self.labels)}")
         if self.prediction_type not in PREDICTION_TYPES:
             errors.append(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}")
         if self.intensity not in INTENSITY_MODES:
@@ -156,6 +161,10 @@ class SegDiffConfig:
             self.postprocess = parse_postprocess(self.postprocess)
         except ValueError as e:
             errors.append(str(e))
+        from .transforms import AUGMENTATIONS
+
+        if unknown := sorted(set(self.augment) - set(AUGMENTATIONS)):
+            errors.append(f"augment must name some of {', '.join(AUGMENTATIONS)}, got {', '.join(unknown)}")
         if errors:
             raise ValueError("; ".join(errors))
 

@@ -23,7 +23,7 @@ from .diffusion.inferer import EnsembleOutput, SegDiffInferer
 from .diffusion.sampler import build_sampler
 from .networks import build_network
 from .postprocess import PostProcess
-from .transforms import InputError, apply, binary_255_as_01, preprocess_transforms
+from .transforms import InputError, apply, binary_255_as_01, destination_slabs, preprocess_transforms
 from .validation import read_files
 
 ImageFiles = str | Path | Sequence[str | Path]  # one file, or one file per channel
@@ -160,6 +160,7 @@ class Segmenter:
         umap = unc.uncertainty_map(self.uncertainty_kind, out.probs, out.samples, out.expected_entropy)
         probs = self.postprocess.smooth(out.probs)
         label_pre = unc.fuse(probs, out.samples, method=self.cfg.fusion, num_classes=self.cfg.num_classes)
+        label_pre = label_pre.to(torch.uint8)  # class indices < 256 (a CT-sized int64 map is 0.3 GiB)
         label_pre = self.postprocess.clean(label_pre)
         label, umap_orig = self._to_input_grid(probs, umap, label_pre, pre, img)
         if self.postprocess:  # resampling to the input grid can bring back specks or holes
@@ -193,7 +194,7 @@ class Segmenter:
             nearest = ResampleToMatch(mode="nearest", padding_mode="border")
             src_u, src_p = MetaTensor(umap[None], affine=pre.affine), MetaTensor(probs, affine=pre.affine)
             src_l = None if self.cfg.fusion == "mean" else MetaTensor(label_pre[None].float(), affine=pre.affine)
-            for z, dst in destination_slabs(img):
+            for z, dst in destination_slabs(img.shape[1:], img.affine):
                 u[..., z] = linear(src_u, img_dst=dst)[0].as_tensor()
                 if self.cfg.fusion == "mean":  # argmax of resampled probabilities: smooth boundaries
                     label[..., z] = linear(src_p, img_dst=dst).as_tensor().argmax(0).to(torch.uint8)
@@ -201,23 +202,3 @@ class Segmenter:
                     label[..., z] = nearest(src_l, img_dst=dst)[0].as_tensor().to(torch.uint8)
         meta = dict(img.meta)
         return MetaTensor(torch.as_tensor(label), meta=meta), MetaTensor(torch.as_tensor(u).float(), meta=meta)
-
-
-def destination_slabs(img: MetaTensor, max_voxels: int = 2**22):
-    """Yield ``(slice, empty slab with its affine)`` along the last axis of a 3D image's grid, so that
-    resampling to a CT-sized grid holds one slab's sampling grid at a time (MONAI's ``Resample``
-    builds a float grid of 3 coordinates per output voxel: 0.9 GiB for 512x512x300 and each of the
-    probability channels, which took the infer's peak memory to 8 GiB). 2D images: one slab."""
-    spatial = img.shape[1:]
-    if len(spatial) < 3:
-        yield slice(None), MetaTensor(torch.empty(1, *spatial), affine=img.affine)
-        return
-    depth = spatial[-1]
-    step = max(1, max_voxels // max(1, math.prod(spatial[:-1])))
-    affine = img.affine.double()
-    for z0 in range(0, depth, step):
-        z1 = min(depth, z0 + step)
-        slab_affine = affine.clone()
-        slab_affine[:3, 3] = affine[:3, 3] + affine[:3, 2] * z0  # voxel (i, j, k) -> (i, j, k + z0)
-        yield slice(z0, z1), MetaTensor(torch.empty(1, *spatial[:-1], z1 - z0), affine=slab_affine)
-

@@ -11,6 +11,7 @@ files (one per channel) is stacked into channels by ``LoadImaged``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -19,16 +20,22 @@ import torch.nn.functional as F
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
+    RandAdjustContrast,
+    RandGaussianNoise,
+    RandScaleIntensity,
+    RandShiftIntensity,
     EnsureTyped,
     LoadImaged,
     MapTransform,
     Orientationd,
     ScaleIntensityRanged,
+    ResampleToMatch,
     ScaleIntensityRangePercentilesd,
     Spacingd,
 )
 
-from monai.data import PILReader
+from monai.data import MetaTensor, PILReader
+from monai.utils import convert_to_tensor
 
 from .config import SegDiffConfig
 from .slicer_io import SegNrrdReader
@@ -193,7 +200,7 @@ def spatial_transforms(
     dims = cfg.image_dims if image_dims is None else image_dims
     return [
         Orientationd(keys, axcodes="RAS"[:dims], allow_missing_keys=True),
-        Spacingd(keys, pixdim=cfg.spacing[:dims], mode=modes, allow_missing_keys=True),
+        SlabSpacingd(keys, pixdim=cfg.spacing[:dims], mode=modes),
     ]
 
 
@@ -227,7 +234,85 @@ def from_onehot_scaled(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(1, keepdim=True)
 
 
+def destination_slabs(spatial: Sequence[int], affine: torch.Tensor, max_voxels: int = 2**22):
+    """Yield ``(slice, empty slab with its affine)`` along the last axis of a 3D grid (``spatial``
+    shape, voxel-to-world ``affine``), so that resampling to a CT-sized grid holds one slab's
+    sampling grid at a time (MONAI's ``Resample`` builds a float grid of 3 coordinates per output
+    voxel: 0.9 GiB for 512x512x300 and each of the probability channels, which took the infer's
+    peak memory to 8 GiB). 2D grids: one slab."""
+    spatial = tuple(int(s) for s in spatial)
+    affine = torch.as_tensor(affine).double()
+    if len(spatial) < 3:
+        yield slice(None), MetaTensor(torch.empty(1, *spatial), affine=affine)
+        return
+    depth = spatial[-1]
+    step = max(1, max_voxels // max(1, math.prod(spatial[:-1])))
+    for z0 in range(0, depth, step):
+        z1 = min(depth, z0 + step)
+        slab_affine = affine.clone()
+        slab_affine[:3, 3] = affine[:3, 3] + affine[:3, 2] * z0  # voxel (i, j, k) -> (i, j, k + z0)
+        yield slice(z0, z1), MetaTensor(torch.empty(1, *spatial[:-1], z1 - z0), affine=slab_affine)
+
+
+class SlabSpacingd(MapTransform):
+    """MONAI ``Spacingd`` computed one slab of output slices at a time when the output is large.
+
+    ``Spacingd`` resamples through a sampling grid of the whole output (``affine_grid`` +
+    ``grid_sample``), about 60 bytes per output voxel: it took a 512x512x300 CT's preprocessing from
+    1.4 to 3.7 GiB. Here the output grid (shape, affine) is MONAI's own lazy ``Spacing`` plan and each
+    slab is filled by MONAI's ``ResampleToMatch``, so the values equal ``Spacingd``'s; outputs up to
+    ``max_voxels`` voxels go through ``Spacingd`` itself.
+
+    Args:
+        keys: image/label keys; pixdim, mode: as ``Spacingd`` (pixdim <= 0 keeps an axis).
+        max_voxels: output voxels per slab.
+    """
+
+    def __init__(self, keys: Sequence[str], pixdim: Sequence[float], mode: Sequence[str],
+                 max_voxels: int = 2**21) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.spacingd = Spacingd(keys, pixdim=pixdim, mode=mode, allow_missing_keys=True)
+        self.modes = dict(zip(keys, mode))
+        self.max_voxels = int(max_voxels)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        plans = {}
+        for key in self.key_iterator(d):
+            plan = self.spacingd.spacing_transform(d[key], mode=self.modes[key], lazy=True)
+            plans[key] = tuple(plan.peek_pending_shape()), plan.peek_pending_affine()
+        if all(len(shape) < 3 or math.prod(shape) <= self.max_voxels for shape, _ in plans.values()):
+            return self.spacingd(d)
+        for key, (shape, affine) in plans.items():
+            img, mode = d[key], self.modes[key]
+            resample = ResampleToMatch(mode=mode, padding_mode="border")
+            out = torch.empty(img.shape[0], *shape, dtype=img.dtype)
+            for z, slab in destination_slabs(shape, affine, self.max_voxels):
+                out[..., z] = resample(img, img_dst=slab).as_tensor()
+            d[key] = MetaTensor(out, affine=affine.to(torch.float64), meta={k: v for k, v in img.meta.items()
+                                                                            if k != "affine"})
+        return d
+
+
 # -- training samples from preprocessed volumes ---------------------------------------------------
+def _intensity_augmentation() -> Compose:
+    """Contrast (gamma), scale and shift of the normalised [-1, 1] intensities, as nnU-Net does, so a
+    model trained on one scanner's range copes with another's."""
+    return Compose([
+        RandAdjustContrast(prob=0.3, gamma=(0.7, 1.5)),
+        RandScaleIntensity(factors=0.25, prob=0.3),
+        RandShiftIntensity(offsets=0.1, prob=0.3),
+    ])
+
+
+#: name -> builder of a MONAI image transform (``flip`` is handled by the sampler: image and label)
+AUGMENTATIONS = {
+    "flip": None,
+    "intensity": _intensity_augmentation,
+    "noise": lambda: RandGaussianNoise(prob=0.15, std=0.05),
+}
+
+
 def _pad_to(x: torch.Tensor, size: Sequence[int], value: float) -> torch.Tensor:
     pads = []
     for s, r in zip(reversed(x.shape[-len(size) :]), reversed(size)):
@@ -243,7 +328,9 @@ class PatchSampler:
     of a 2D image (``[C, X, Y]``, no slicing); 3D: a patch of ``roi_size``. A share ``foreground_fraction`` of samples is centred on a voxel of a
     foreground class drawn uniformly among the classes present in the case (as MONAI's
     ``RandCropByLabelClassesd``), so a small class such as a lesion is seen as often as a large
-    organ; the rest anywhere.
+    organ; the rest anywhere. Each sample is then augmented as ``cfg.augment`` says (random flips of
+    image and label along each spatial axis, intensity contrast/scale/shift, Gaussian noise); all
+    randomness comes from the sampler's one generator, so ``--resume`` replays it exactly.
 
     Args:
         volumes: ``[(image [C, X, Y, Z], labels [R, X, Y, Z])]`` (2D images: ``[C, X, Y]``,
@@ -257,6 +344,9 @@ class PatchSampler:
             raise InputError("no labelled volume to train on")
         self.volumes, self.cfg = volumes, cfg
         self.rng = np.random.default_rng(seed)
+        self.flip = "flip" in cfg.augment
+        image_aug = [AUGMENTATIONS[name]() for name in cfg.augment if name != "flip"]
+        self.image_aug = Compose(image_aug) if image_aug else None
         # per case, per present foreground class: voxel indices of that class in any label map
         self.fg = [
             [idx for c in range(1, cfg.num_classes) if len(idx := torch.nonzero((lab == c).any(0)).numpy())]
@@ -273,6 +363,9 @@ class PatchSampler:
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image [B, C', *roi], label [B, 1, *roi])``."""
         images, labels = [], []
+        if self.image_aug is not None:
+            # MONAI's random transforms draw from their own RandomState: seed it from our generator
+            self.image_aug.set_random_state(seed=int(self.rng.integers(2**31)))
         for _ in range(batch_size):
             i = int(self.rng.integers(len(self.volumes)))
             img, lab = self.volumes[i]
@@ -281,10 +374,19 @@ class PatchSampler:
             if self.cfg.spatial_dims == 2 and img.ndim == 4:  # a volume: one slice; a 2D image is used whole
                 img, lab = self._slice(img, lab, int(centre[2]))
                 centre = centre[:2]
-            img, lab = self._crop(img, lab, centre)
+            img, lab = self._augment(*self._crop(img, lab, centre))
             images.append(img)
             labels.append(lab)
         return torch.stack(images), torch.stack(labels)
+
+    def _augment(self, img: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.flip:
+            axes = [a for a in range(img.ndim - 1) if self.rng.random() < 0.5]
+            if axes:
+                img, lab = img.flip([a + 1 for a in axes]), lab.flip([a + 1 for a in axes])
+        if self.image_aug is not None:
+            img = convert_to_tensor(self.image_aug(img), track_meta=False)
+        return img.contiguous(), lab.contiguous()
 
     def _slice(self, img: torch.Tensor, lab: torch.Tensor, z: int) -> tuple[torch.Tensor, torch.Tensor]:
         d = img.shape[-1]

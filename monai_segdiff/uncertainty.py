@@ -249,24 +249,27 @@ def uncertainty_map(
 def case_score(uncertainty: Tensor, probs: Tensor | None = None, samples: Tensor | None = None) -> float:
     """One uncertainty score per case, used to rank images for active learning.
 
-    Definition: the mean of ``uncertainty`` over the *candidate-foreground region*, i.e. the voxels
-    where any ensemble member predicts foreground (``(samples > 0).any(0)``), or, when ``samples`` is
-    None, where the mean background probability is below 0.99 (``probs[0] < 0.99``). It is 0.0 when
-    that region is empty.
+    Definition: class-balanced mean uncertainty over the *candidate regions*. The candidate region of
+    foreground class ``c`` is where any ensemble member predicts ``c`` (``(samples == c).any(0)``), or,
+    when ``samples`` is None, where its mean probability exceeds 0.01. The score is the mean over the
+    classes with a non-empty region of the mean ``uncertainty`` inside that class's region; 0.0 when
+    no class has one. With one foreground class it is the mean uncertainty where anything is predicted.
 
     Dividing by the region size (instead of summing, or averaging over the whole image) makes the score
     a per-voxel rate: a large organ does not outrank a small lesion just by having more boundary
-    voxels, and a small structure is not drowned by the empty background of a large image.
+    voxels, and a small structure is not drowned by the empty background of a large image. Averaging
+    over classes (instead of pooling their voxels) lets a small, uncertain lesion count as much as a
+    large, confident organ, so the cases the model is least sure of for *any* structure rank first.
     """
     if samples is not None:
-        region = (samples > 0).any(dim=0)
+        num_classes = int(samples.max().item()) + 1 if samples.numel() else 1
+        regions = [(samples == c).any(dim=0) for c in range(1, num_classes)]
     elif probs is not None:
-        region = probs[0] < 0.99
+        regions = [p > 0.01 for p in probs[1:]]
     else:
-        raise ValueError("case_score needs probs or samples to define the foreground region")
-    if not bool(region.any()):
-        return 0.0
-    return float(uncertainty[region].double().mean().item())
+        raise ValueError("case_score needs probs or samples to define the candidate regions")
+    means = [uncertainty[r].double().mean().item() for r in regions if bool(r.any())]
+    return float(sum(means) / len(means)) if means else 0.0
 
 
 def _mean_pairwise_dice(masks: Tensor) -> float:

@@ -1,6 +1,7 @@
-"""Make a demo studies folder for the MONAI Label server: a copy of the phantoms in which the cases
-the shipped model did not train on (the validation split of ``segdiff train``: 20 %, seed 0) are
-unlabelled, so Next Sample / scoring / active learning have work to do.
+"""Make a demo studies folder for the MONAI Label server: a copy of the phantoms in which 6 cases (the
+validation split of ``segdiff train``: 20 %, seed 0) are unlabelled, so Next Sample / scoring / active
+learning have work to do. (The shipped model was trained on other phantoms from the same generator,
+so none of these cases was seen in training.)
 
     python sample-data/demo_studies.py /tmp/segdiff-studies
 """

@@ -143,7 +143,7 @@ def test_slabwise_resampling_equals_whole():
     from monai.data import MetaTensor
     from monai.transforms import ResampleToMatch
 
-    from monai_segdiff.segmenter import destination_slabs
+    from monai_segdiff.transforms import destination_slabs
 
     src = MetaTensor(torch.rand(3, 20, 18, 12), affine=torch.diag(torch.tensor([1.5, 1.5, 2.5, 1.0])).double())
     rot = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]], dtype=torch.float64)
@@ -154,11 +154,33 @@ def test_slabwise_resampling_equals_whole():
     resample = ResampleToMatch(mode="bilinear", padding_mode="border")
     whole = resample(src, img_dst=dst).as_tensor()
     out = torch.zeros_like(whole)
-    slabs = list(destination_slabs(dst, max_voxels=31 * 27 * 4))
+    slabs = list(destination_slabs(dst.shape[1:], dst.affine, max_voxels=31 * 27 * 4))
     assert len(slabs) == 5
     for z, slab in slabs:
         out[..., z] = resample(src, img_dst=slab).as_tensor()
     assert torch.allclose(out, whole, atol=1e-5)
+
+
+def test_slabwise_spacing_equals_spacingd():
+    """Preprocessing resamples large volumes to the working spacing one slab at a time (bounded
+    memory); image (bilinear) and label (nearest) equal MONAI's Spacingd, values and affine."""
+    from monai.data import MetaTensor
+    from monai.transforms import Spacingd
+
+    from monai_segdiff.transforms import SlabSpacingd
+
+    aff = torch.eye(4, dtype=torch.float64)
+    aff[:3, :3] = torch.diag(torch.tensor([0.7, 0.8, 2.5], dtype=torch.float64))
+    aff[:3, 3] = torch.tensor([5.0, -3.0, 10.0])
+    data = {"image": MetaTensor(torch.rand(2, 40, 36, 20), affine=aff),
+            "label": MetaTensor((torch.rand(1, 40, 36, 20) * 3).floor(), affine=aff)}
+    kw = {"pixdim": [1.0, 1.0, 1.3], "mode": ["bilinear", "nearest"]}
+    ref = Spacingd(["image", "label"], **kw)(dict(data))
+    slabbed = SlabSpacingd(["image", "label"], max_voxels=28 * 29 * 3, **kw)(dict(data))
+    for key in ("image", "label"):
+        assert slabbed[key].shape == ref[key].shape == (data[key].shape[0], 28, 29, 38)
+        assert torch.allclose(slabbed[key].as_tensor(), ref[key].as_tensor(), atol=1e-5)
+        assert torch.allclose(slabbed[key].affine, ref[key].affine)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

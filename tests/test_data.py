@@ -294,3 +294,30 @@ def test_phantom_raters_disagree_more_on_low_contrast_lesions() -> None:
             rater = np.asanyarray(load(PHANTOMS / "labels" / tag / f"{case['name']}.nii.gz").dataobj) == 2
             scores["low_contrast" in case["hard"]].append(dice(rater, final))
     assert scores[True] and np.mean(scores[True]) < np.mean(scores[False]) - 0.05
+
+
+def test_patch_sampler_augmentation_keeps_image_and_label_aligned() -> None:
+    """Flips move image and label together; intensity changes touch the image only; one seed replays."""
+    import torch
+
+    from monai_segdiff.config import SegDiffConfig
+    from monai_segdiff.transforms import PatchSampler
+
+    gen = torch.Generator().manual_seed(0)
+    label = (torch.rand(1, 40, 36, 12, generator=gen) > 0.7).float()
+    image = label * 2 - 1  # the image is the label: any misaligned flip would show
+    flip_only = PatchSampler([(image, label)], SegDiffConfig(roi_size=[32, 32], augment=["flip"]), seed=3)
+    plain = PatchSampler([(image, label)], SegDiffConfig(roi_size=[32, 32], augment=[]), seed=3)
+    x, y = flip_only.sample(64)
+    assert torch.equal(x[:, 1:2], y * 2 - 1)  # centre slice of the 2.5D context vs its label
+    assert not torch.equal(x, plain.sample(64)[0])  # some samples were flipped
+
+    full = SegDiffConfig(roi_size=[32, 32])
+    assert full.augment == ["flip", "intensity", "noise"]
+    x1, y1 = PatchSampler([(image, label)], full, seed=5).sample(64)
+    x2, y2 = PatchSampler([(image, label)], full, seed=5).sample(64)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert set(y1.unique().tolist()) <= {0.0, 1.0}  # labels stay labels
+    assert not torch.equal(x1.abs().amax(dim=(1, 2, 3)), torch.ones(64))  # intensities were changed
+    with pytest.raises(ValueError, match="augment"):
+        SegDiffConfig(augment=["rotate"])

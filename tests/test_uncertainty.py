@@ -114,6 +114,19 @@ def test_case_score_is_size_normalised():
     assert u_big.sum().item() == pytest.approx(9 * u_small.sum().item())
 
 
+def test_case_score_is_class_balanced():
+    """A small, uncertain lesion weighs as much as a large, confident organ: the score is the mean of
+    the per-class means (0.5 * (0.1 + 0.9)), not the pooled voxel mean (about 0.1)."""
+    samples = torch.zeros(2, 20, 20, dtype=torch.uint8)
+    samples[:, :18, :18] = 1  # organ: 324 voxels
+    samples[0, 0, 0] = 2  # lesion: 1 voxel, one member
+    u = torch.full((20, 20), 0.1)
+    u[0, 0] = 0.9
+    assert case_score(u, samples=samples) == pytest.approx(0.5, abs=0.005)
+    probs = torch.stack([(samples == c).float().mean(0) for c in range(3)])
+    assert case_score(u, probs=probs) == pytest.approx(0.5, abs=0.005)
+
+
 def test_case_score_regions():
     empty = torch.zeros(3, 4, 4, dtype=torch.uint8)
     assert case_score(torch.rand(4, 4), samples=empty) == 0.0
