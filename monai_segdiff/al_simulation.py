@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = ["STRATEGIES", "SimulationSettings", "simulate", "label_saving", "add_al_parser", "cmd_al_simulate"]
 
 STRATEGIES = ("random", "segdiff_uncertainty", "mc_dropout")
+ACQUISITIONS = ("top", "power")
 ALIASES = {"uncertainty": "segdiff_uncertainty", "segdiff": "segdiff_uncertainty", "epistemic": "mc_dropout",
            "mcdropout": "mc_dropout", "mc-dropout": "mc_dropout"}
 
@@ -79,6 +80,12 @@ class SimulationSettings:
         uncertainty: voxel map both scorers rank by (``entropy``, ``mutual_information``,
             ``variance``, ``disagreement``; None: the model's own, as the app does by default).
         mc_channels: channels of the MC-dropout UNet.
+        acquisition: how the scored strategies turn scores into picks: ``top`` (the highest scores, as
+            the app's strategy does) or ``power`` (stochastic power acquisition, Kirsch et al. 2023:
+            ``per_round`` cases drawn without replacement with probability proportional to
+            ``score ** power_beta``, which spreads the picks over the uncertain cases instead of
+            taking only the most extreme ones).
+        power_beta: exponent of ``power`` acquisition.
         device: torch device.
     """
 
@@ -104,6 +111,8 @@ class SimulationSettings:
     mc_samples: int = 5
     uncertainty: str | None = None
     mc_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    acquisition: str = "top"
+    power_beta: float = 1.0
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -122,6 +131,8 @@ class SimulationSettings:
             raise ValueError("give a training budget: epochs or max_minutes")
         if not self.seeds:
             raise ValueError("give at least one seed")
+        if self.acquisition not in ACQUISITIONS:
+            raise ValueError(f"acquisition must be one of {', '.join(ACQUISITIONS)}, got {self.acquisition!r}")
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -309,10 +320,15 @@ def _write(out: Path, result: dict, pictures: bool = True) -> None:
 
 
 # ------------------------------------------------------------------------------------ simulation
-def _pick(strategy: str, pool: list[dict], scores: dict[str, dict] | None, n: int, rng: random.Random) -> list[str]:
+def _pick(strategy: str, pool: list[dict], scores: dict[str, dict] | None, n: int, rng: random.Random,
+          acquisition: str = "top", beta: float = 1.0) -> list[str]:
     ids = sorted(it["id"] for it in pool)
     if strategy == "random" or not scores:
         return rng.sample(ids, min(n, len(ids)))
+    if acquisition == "power":  # Gumbel-top-k: n draws without replacement, P(i) ~ score_i ** beta
+        keys = {i: beta * math.log(max(scores[i]["score"], 1e-12)) - math.log(-math.log(rng.random() or 1e-300))
+                for i in ids}
+        return sorted(ids, key=lambda i: (-keys[i], i))[:n]
     return sorted(ids, key=lambda i: (-scores[i]["score"], i))[:n]
 
 
@@ -383,7 +399,8 @@ def simulate(
                     elif strategy == "mc_dropout":
                         scores = case_scores(_segmenter(ucfg, ustate, s.mc_samples, None, 0, s.device, s.uncertainty), pool)
                     score_s = time.perf_counter() - t0
-                    picked = _pick(strategy, pool, scores, s.per_round, random.Random(seed * 7919 + r))
+                    picked = _pick(strategy, pool, scores, s.per_round, random.Random(seed * 7919 + r),
+                                   s.acquisition, s.power_beta)
                     labelled_ids += picked
                     train_items = [by_id[i] for i in labelled_ids]
                     state, info = trainer(cfg, train_items, state, seed=seed * 1000 + r)
@@ -452,6 +469,9 @@ def add_al_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("--mc-channels", type=_ints, default=[16, 32, 64, 128])
     a.add_argument("--uncertainty", choices=["entropy", "mutual_information", "variance", "disagreement"],
                    help="voxel map the scorers rank by (default: the model's)")
+    a.add_argument("--acquisition", choices=ACQUISITIONS, default="top",
+                   help="scored strategies: take the top scores (as the app does) or draw with P ~ score^beta")
+    a.add_argument("--power-beta", type=float, default=1.0, help="beta of --acquisition power")
     a.add_argument("--device", default="cpu")
     a.add_argument("--quiet", action="store_true")
     return a
@@ -466,7 +486,7 @@ def cmd_al_simulate(args: argparse.Namespace) -> int:
         iterations_per_epoch=args.iterations_per_epoch, max_minutes=args.max_minutes,
         initial_epochs=args.initial_epochs, batch_size=args.batch_size, lr=args.lr, samples=args.samples,
         steps=args.steps, mc_samples=args.mc_samples, mc_channels=args.mc_channels, device=args.device,
-        uncertainty=args.uncertainty,
+        uncertainty=args.uncertainty, acquisition=args.acquisition, power_beta=args.power_beta,
     )
     log, bar = None, None
     if not args.quiet:  # one line per round above a bar over all rounds (each training keeps quiet)

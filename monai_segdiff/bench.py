@@ -62,7 +62,9 @@ def p1_seed_sampler(
     t_fast, out = _median_time(lambda: fast_inf(img, net), repeats)
     depth = img.shape[-1]
     fg = torch.nonzero(lab.sum((0, 1)) > 0).flatten().tolist() or list(range(depth))
-    zs = [fg[int(i)] for i in np.linspace(0, len(fg) - 1, min(seed_slices, len(fg)))]
+    # evenly inside the foreground range, ends excluded (an edge slice holds slivers: unstable Dice)
+    n = min(seed_slices, len(fg))
+    zs = [fg[int(round(i))] for i in np.linspace(0, len(fg) - 1, n + 2)[1:-1]]
     slow = DiffusionSampler(cfg, method="ddpm")
     total_steps = slow.num_evaluations
     timed = DiffusionSampler(cfg, method="ddpm")

@@ -127,3 +127,21 @@ def test_simulation_runs_end_to_end(studies, tmp_path):
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert "Label saving" in (out / "report.html").read_text()
     assert not list(out.glob(".work-*"))  # temporary checkpoints removed
+
+
+def test_power_acquisition_draws_in_proportion_to_score():
+    """``power`` picks distinct cases, each with probability ~ score ** beta; a large beta is ``top``."""
+    import random as rnd
+
+    from monai_segdiff.al_simulation import _pick
+
+    pool = [{"id": i} for i in ("a", "b", "c", "d")]
+    scores = {"a": {"score": 0.6}, "b": {"score": 0.2}, "c": {"score": 0.2}, "d": {"score": 0.0}}
+    assert _pick("segdiff_uncertainty", pool, scores, 2, rnd.Random(0)) == ["a", "b"]  # top: ties by id
+    firsts = [_pick("segdiff_uncertainty", pool, scores, 1, rnd.Random(s), "power")[0] for s in range(2000)]
+    assert abs(firsts.count("a") / 2000 - 0.6) < 0.05 and "d" not in firsts
+    pairs = [_pick("segdiff_uncertainty", pool, scores, 2, rnd.Random(s), "power") for s in range(200)]
+    assert all(len(set(p)) == 2 for p in pairs) and any(p != ["a", "b"] for p in pairs)
+    assert all(_pick("mc_dropout", pool, scores, 2, rnd.Random(s), "power", beta=50.0)[0] == "a" for s in range(50))
+    with pytest.raises(ValueError, match="acquisition"):
+        SimulationSettings(acquisition="greedy")
