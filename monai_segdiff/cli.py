@@ -47,13 +47,12 @@ def _postprocess(text: str) -> list[str]:
 
 
 def _augment(text: str) -> list[str]:
-    from .transforms import AUGMENTATIONS
+    from .transforms import parse_augment
 
-    names = [] if text.strip() == "none" else [v.strip() for v in text.split(",") if v.strip()]
-    if unknown := sorted(set(names) - set(AUGMENTATIONS)):
-        raise argparse.ArgumentTypeError(f"unknown augmentation {', '.join(unknown)}; "
-                                         f"choose from {', '.join(AUGMENTATIONS)} or 'none'")
-    return names
+    try:
+        return parse_augment(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -161,10 +161,12 @@ class SegDiffConfig:
             self.postprocess = parse_postprocess(self.postprocess)
         except ValueError as e:
             errors.append(str(e))
-        from .transforms import AUGMENTATIONS
+        try:
+            from .transforms import parse_augment
 
-        if unknown := sorted(set(self.augment) - set(AUGMENTATIONS)):
-            errors.append(f"augment must name some of {', '.join(AUGMENTATIONS)}, got {', '.join(unknown)}")
+            self.augment = parse_augment(self.augment)
+        except ValueError as e:
+            errors.append(str(e))
         if errors:
             raise ValueError("; ".join(errors))
 

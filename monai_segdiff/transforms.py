@@ -35,7 +35,7 @@ from monai.transforms import (
 )
 
 from monai.data import MetaTensor, PILReader
-from monai.utils import convert_to_tensor
+from monai.utils import convert_to_tensor, ensure_tuple_rep
 
 from .config import SegDiffConfig
 from .slicer_io import SegNrrdReader
@@ -268,11 +268,11 @@ class SlabSpacingd(MapTransform):
         max_voxels: output voxels per slab.
     """
 
-    def __init__(self, keys: Sequence[str], pixdim: Sequence[float], mode: Sequence[str],
+    def __init__(self, keys: Sequence[str], pixdim: Sequence[float], mode: str | Sequence[str],
                  max_voxels: int = 2**21) -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.spacingd = Spacingd(keys, pixdim=pixdim, mode=mode, allow_missing_keys=True)
-        self.modes = dict(zip(keys, mode))
+        self.modes = dict(zip(keys, ensure_tuple_rep(mode, len(keys))))
         self.max_voxels = int(max_voxels)
 
     def __call__(self, data: Mapping) -> dict:
@@ -311,6 +311,20 @@ AUGMENTATIONS = {
     "intensity": _intensity_augmentation,
     "noise": lambda: RandGaussianNoise(prob=0.15, std=0.05),
 }
+
+
+def parse_augment(value: str | Sequence[str] | None) -> list[str]:
+    """``"noise,flip"`` or a list -> augmentation names in ``AUGMENTATIONS`` order; ``""``, ``"none"``
+    or ``None`` -> ``[]``. ``ValueError`` with a one-line reason for an unknown name."""
+    if value is None:
+        return []
+    names = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    names = [n.strip().lower() for n in names]
+    names = [n for n in names if n and n != "none"]
+    if unknown := sorted(set(names) - set(AUGMENTATIONS)):
+        raise ValueError(f"unknown augment option(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(AUGMENTATIONS)} or none")
+    return [n for n in AUGMENTATIONS if n in names]
 
 
 def _pad_to(x: torch.Tensor, size: Sequence[int], value: float) -> torch.Tensor:
