@@ -124,6 +124,38 @@ def new_config(
     )
 
 
+def fine_tune_mismatch(cfg: SegDiffConfig, items: Sequence[dict], labels: Sequence[str] | None = None,
+                       spacing_tolerance: float = 1.5) -> str | None:
+    """Why the model of ``cfg`` should not be fine-tuned on ``items`` (None: it can be).
+
+    ``labels``: the studies' declared foreground names (``labels.json``) or None, when only the label
+    values are known (their largest value must then not exceed the model's label count). Beyond the
+    labels, a model keeps its own grid and patch size when fine-tuned, so images whose automatic
+    spacing (``auto_spacing``) differs from the model's by more than ``spacing_tolerance`` times on an
+    axis, or with another channel count or dimensionality, get a new model instead: a model made for
+    1 mm phantoms would otherwise see a CT abdomen through 64 mm patches.
+    """
+    from .labelset import max_label
+    from .segmenter import load_image
+
+    if labels is not None and list(labels) != list(cfg.labels):
+        return f"the studies' labels {list(labels)} differ from the model's {cfg.labels}"
+    if labels is None:
+        top = max((max_label(it["label"]) for it in items if it.get("label")), default=0)
+        if top > len(cfg.labels):
+            return f"the labels go up to {top}, the model has {len(cfg.labels)} foreground label(s)"
+    first = load_image(items[0]["image"])
+    if first.shape[0] != cfg.image_channels or first.ndim - 1 != cfg.image_dims:
+        return (f"the images have {first.shape[0]} channel(s) and {first.ndim - 1} dimensions, the model "
+                f"{cfg.image_channels} and {cfg.image_dims}")
+    if cfg.image_dims == 3:
+        wanted = auto_spacing(items, cfg.spatial_dims)
+        for axis, (a, b) in enumerate(zip(wanted, cfg.spacing)):
+            if a > 0 and b > 0 and max(a / b, b / a) > spacing_tolerance:
+                return f"the images' spacing {wanted} mm is far from the model's {cfg.spacing} mm (axis {axis})"
+    return None
+
+
 def load_cases(
     items: Sequence[dict], cfg: SegDiffConfig, use_raters: bool = False, progress: bool = False
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -36,3 +36,19 @@ def test_short_training_learns_to_segment(tmp_path):
     print(f"held-out organ Dice: untrained {untrained:.3f}, trained {trained:.3f}, losses {result.losses}")
     assert trained >= 0.6, trained  # calibrated on this CPU: ~0.65-0.7 after 150 steps
     assert trained >= untrained + 0.3, (untrained, trained)
+
+
+def test_fine_tune_only_a_model_made_for_such_data():
+    """The app fine-tunes the current model only when labels, channels and spacing fit the studies;
+    otherwise it trains a new one (a 1 mm phantom model must not learn a 3 mm CT through its grid)."""
+    from monai_segdiff.training import fine_tune_mismatch
+
+    items = data.labelled(data.datalist(PHANTOMS))[:4]
+    cfg = new_config(items, ["organ", "lesion"])
+    assert fine_tune_mismatch(cfg, items, ["organ", "lesion"]) is None
+    assert fine_tune_mismatch(cfg, items, None) is None  # values 1..2 fit two labels
+    assert "liver" in fine_tune_mismatch(cfg, items, ["liver", "tumour"])
+    assert "go up to 2" in fine_tune_mismatch(cfg.replace(labels=["organ"]), items, None)
+    assert "spacing" in fine_tune_mismatch(cfg.replace(spacing=[3.0, 3.0, -1.0]), items, None)
+    assert "channel" in fine_tune_mismatch(cfg.replace(image_channels=3), items, None)
+    assert fine_tune_mismatch(cfg.replace(spacing=[-1.0, -1.0, -1.0]), items, None) is None  # native grid

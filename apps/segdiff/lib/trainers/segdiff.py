@@ -33,7 +33,7 @@ from monai_segdiff.io import copy_atomic, write_json
 from monai_segdiff.labelset import label_names as studies_label_names
 from monai_segdiff.networks import build_network
 from monai_segdiff.tracking import TensorBoardCallback, run_dir
-from monai_segdiff.training import load_cases, new_config, train, validation_dice
+from monai_segdiff.training import fine_tune_mismatch, load_cases, new_config, train, validation_dice
 from monai_segdiff.transforms import InputError
 
 from ..infers.segdiff import devices, truthy
@@ -276,10 +276,11 @@ class SegDiffTrain(TrainTask):
             except CheckpointError as e:
                 logger.warning(f"cannot fine-tune ({e}); training from scratch")
             else:
-                if declared is None or declared == cfg.labels:
+                reason = fine_tune_mismatch(cfg, items, declared)
+                if reason is None:
                     logger.info(f"Fine-tuning {self.model_path} ({cfg.network}, labels {cfg.labels})")
                     return cfg, state, "pretrained"
-                logger.warning(f"labels.json {declared} differs from the model's labels {cfg.labels}: new model")
+                logger.warning(f"not fine-tuning {self.model_path}: {reason}; training a new model")
         if network not in NETWORKS:
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"unknown network {network!r}; use one of {NETWORKS}")
         labels = declared or studies_label_names(studies or os.devnull, items)  # no labels.json: label1..K
