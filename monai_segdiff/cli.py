@@ -250,6 +250,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if o["augment"] is not None:  # also for --init / --resume: augmentation is a training choice
         cfg = cfg.replace(augment=o["augment"])
+    if o["postprocess"] is not None:  # with --init too: the clean-up is an inference default
+        cfg = cfg.replace(postprocess=o["postprocess"])
     if not o["quiet"]:
         print(f"training {cfg.network} on {len(train_items)} cases (validation {len(val_items)}), "
               f"labels {cfg.labels}, spacing {cfg.spacing}", file=sys.stderr)

@@ -159,3 +159,17 @@ def test_resume_without_state_is_a_clear_error(studies, tmp_path, capsys):
     assert main(["train", "--studies", str(studies), "--output", str(tmp_path / "x.pt"),
                  "--resume", str(tmp_path / "missing.pt")]) == 2
     assert "checkpoint to resume not found" in capsys.readouterr().err
+
+
+def test_init_keeps_the_model_but_takes_new_augment_and_postprocess(studies, tmp_path, capsys, one_thread):
+    """``--init`` fine-tunes the given model (its network and grid), with the augmentation and the
+    default clean-up given on the command line (the shipped model is made this way)."""
+    base = save_checkpoint(tmp_path / "base.pt", build_network(tiny_config()).state_dict(),
+                           tiny_config(postprocess=[], augment=["flip"]))
+    run_train("--studies", str(studies), "--output", str(tmp_path / "ft.pt"), "--init", str(base), "--epochs", "1",
+              "--iterations-per-epoch", "2", "--batch-size", "2", "--val-split", "0", "--network", "medsegdiff",
+              "--postprocess", "median,fill_holes", "--augment", "noise", "--quiet", capsys=capsys)
+    state, cfg, _ = load_checkpoint(tmp_path / "ft.pt")
+    assert cfg.network == "concat" and cfg.channels == tiny_config().channels  # the model, not --network
+    assert cfg.postprocess == ["median", "fill_holes"] and cfg.augment == ["noise"]
+    assert not same_weights(state, load_checkpoint(base)[0])  # it was trained
