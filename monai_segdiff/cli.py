@@ -20,7 +20,7 @@ from .evaluation import add_evaluate_parser, cmd_evaluate
 TRAIN_DEFAULTS: dict[str, Any] = {
     "network": "medsegdiff", "epochs": None, "max_minutes": None, "batch_size": 16, "lr": 1e-3, "val_split": 0.2,
     "spatial_dims": 2, "context": 1, "channels": None, "spacing": None, "roi_size": None,
-    "prediction_type": "sample", "steps": 4, "samples": 5, "intensity": "percentile", "seed": 0,
+    "prediction_type": "sample", "steps": 4, "samples": 5, "intensity": None, "seed": 0,
     "init": None, "resume": None, "iterations_per_epoch": None, "device": "cpu", "use_raters": None,
     "anchor": False, "boundary_loss": None, "extra": None,
     "studies": None, "output": None, "postprocess": None, "quiet": False, "tensorboard": None, "augment": None,
@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prediction-type", choices=["epsilon", "sample", "v_prediction"])
     t.add_argument("--steps", type=int, help="default sampling steps stored in the model")
     t.add_argument("--samples", type=int, help="default ensemble size stored in the model")
-    t.add_argument("--intensity", choices=["percentile", "ct"])
+    t.add_argument("--intensity", choices=["percentile", "ct"],
+                   help="percentile: robust range of each image; ct: one Hounsfield window from the labelled "
+                        "voxels (default: ct when every image is CT in HU, else percentile)")
     t.add_argument("--iterations-per-epoch", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--anchor", action="store_true", default=None,

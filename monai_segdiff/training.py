@@ -91,6 +91,43 @@ def auto_roi(items: Sequence[dict], spatial_dims: int = 2, divisor: int = 8, lar
     return [int(math.ceil(min(m, largest) / divisor) * divisor) for m in med]
 
 
+def auto_intensity(items: Sequence[dict], max_cases: int = 8, air_hu: float = -500.0) -> dict:
+    """Intensity normalisation chosen from the labelled training cases (nnU-Net's rule for CT).
+
+    CT (every sampled single-channel image reaches ``air_hu`` or below, as air and the scanner's
+    padding do in Hounsfield units): a fixed window ``ct_window`` from the 0.5 and 99.5 percentiles of
+    the labelled (foreground) voxels of up to ``max_cases`` cases, so soft tissue keeps its contrast
+    instead of sharing [-1, 1] with air and bone, the same on every scanner. Anything else (MRI,
+    pictures, mixed or rescaled data): per-image robust percentiles, ``{"intensity": "percentile"}``.
+    """
+    from .segmenter import load_image, load_label
+
+    percentile = {"intensity": "percentile"}
+    labelled = [it for it in items if it.get("label")]
+    if not labelled:
+        return percentile
+    picks = labelled[:: max(1, math.ceil(len(labelled) / max_cases))][:max_cases]
+    foreground = []
+    for it in picks:
+        try:
+            img, lab = load_image(it["image"]), load_label(it["label"])
+        except Exception:  # unreadable here: leave it to training, which reports it clearly
+            return percentile
+        if img.shape[0] != 1 or img.ndim != 4 or float(img.min()) > air_hu:
+            return percentile
+        if lab.shape[1:] == img.shape[1:]:
+            foreground.append(img[0][lab[0] > 0].float())
+    values = torch.cat(foreground) if foreground else torch.empty(0)
+    if values.numel() < 100:
+        return percentile
+    if values.numel() > 2**24:  # quantile's input limit; a strided subset has the same percentiles
+        values = values[:: math.ceil(values.numel() / 2**24)]
+    lo, hi = (float(v) for v in torch.quantile(values, torch.tensor([0.005, 0.995])))
+    if hi - lo < 1.0:
+        lo, hi = lo - 50.0, hi + 50.0
+    return {"intensity": "ct", "ct_window": [round(lo, 1), round(hi, 1)]}
+
+
 def new_config(
     items: Sequence[dict],
     labels: Sequence[str],
@@ -102,8 +139,9 @@ def new_config(
     **overrides,
 ) -> SegDiffConfig:
     """The config of a new model for ``items``: the library's default widths (MONAI's UNet family
-    for the baseline), no attention, spacing and patch size chosen from the data. Image channels and
-    dimensionality come from the first image: 2D images give a 2D model without slice context."""
+    for the baseline), no attention, spacing, patch size and intensity normalisation chosen from the
+    data (``intensity`` None: ``auto_intensity``). Image channels and dimensionality come from the
+    first image: 2D images give a 2D model without slice context."""
     from .segmenter import load_image
 
     channels = list(channels or ([16, 32, 64, 128] if network == "unet" else SegDiffConfig().channels))
@@ -112,6 +150,11 @@ def new_config(
     if image_dims == 2 and spatial_dims != 2:
         raise ValueError(f"the images are 2D ({items[0].get('id', items[0]['image'])}): use spatial_dims 2")
     context = overrides.pop("context", 1)
+    if overrides.get("intensity") is None:
+        overrides.pop("intensity", None)
+        overrides = {**auto_intensity(items), **overrides}
+    elif overrides["intensity"] == "ct" and "ct_window" not in overrides:  # CT asked for: the data's window
+        overrides["ct_window"] = auto_intensity(items).get("ct_window", SegDiffConfig().ct_window)
     return SegDiffConfig(
         labels=list(labels), network=network, spatial_dims=spatial_dims, image_dims=image_dims,
         context=context if spatial_dims == 2 and image_dims == 3 else 0,

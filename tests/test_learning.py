@@ -52,3 +52,40 @@ def test_fine_tune_only_a_model_made_for_such_data():
     assert "spacing" in fine_tune_mismatch(cfg.replace(spacing=[3.0, 3.0, -1.0]), items, None)
     assert "channel" in fine_tune_mismatch(cfg.replace(image_channels=3), items, None)
     assert fine_tune_mismatch(cfg.replace(spacing=[-1.0, -1.0, -1.0]), items, None) is None  # native grid
+
+
+def _volume(path: Path, array: np.ndarray, spacing=(0.8, 0.8, 2.5)) -> str:
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0])), str(path))
+    return str(path)
+
+
+def test_new_config_windows_ct_on_its_labelled_voxels(tmp_path):
+    """CT in Hounsfield units gets one window from the labelled voxels (soft tissue keeps its
+    contrast); MRI-like, multi-modal or mixed data keeps per-image percentiles."""
+    rng = np.random.default_rng(0)
+    ct, mri = [], []
+    for i in range(3):
+        hu = np.full((32, 32, 8), -1000.0, dtype=np.float32)  # air around the body
+        hu[4:28, 4:28] = rng.normal(0.0, 20.0, (24, 24, 8))  # body, ~water
+        lab = np.zeros((32, 32, 8), dtype=np.uint8)
+        lab[10:20, 10:20, 2:6] = 1
+        hu[lab > 0] = rng.normal(60.0, 10.0, int(lab.sum()))  # an organ at 60 HU
+        ct.append({"image": _volume(tmp_path / f"ct{i}.nii.gz", hu.round()),
+                   "label": _volume(tmp_path / f"ct{i}_seg.nii.gz", lab)})
+        mri.append({"image": _volume(tmp_path / f"mr{i}.nii.gz", (hu + 1000.0) * 2.0), "label": ct[-1]["label"]})
+    auto = new_config(ct, ["organ"])
+    assert auto.intensity == "ct"
+    lo, hi = auto.ct_window
+    assert 20.0 < lo < 45.0 and 75.0 < hi < 100.0, auto.ct_window  # ~ the organ's 0.5-99.5 percentiles
+    assert new_config(mri, ["organ"]).intensity == "percentile"
+    assert new_config(ct[:2] + mri[:1], ["organ"]).intensity == "percentile"  # not all CT: no one window
+    assert new_config(ct, ["organ"], intensity="percentile").intensity == "percentile"  # asked for
+    assert new_config(ct, ["organ"], intensity="ct").ct_window == auto.ct_window
+    # the window is what training and inference see: the organ spans [-1, 1], air and bone clip to the ends
+    from monai_segdiff.transforms import apply, preprocess_transforms
+
+    out = apply(preprocess_transforms(auto, label_keys=["label"]), dict(ct[0]))
+    organ = out["image"][out["label"] > 0]
+    assert float(out["image"].min()) == -1.0 and float(organ.std()) > 0.3, float(organ.std())
