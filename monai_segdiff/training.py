@@ -175,8 +175,9 @@ def fine_tune_mismatch(cfg: SegDiffConfig, items: Sequence[dict], labels: Sequen
     values are known (their largest value must then not exceed the model's label count). Beyond the
     labels, a model keeps its own grid and patch size when fine-tuned, so images whose automatic
     spacing (``auto_spacing``) differs from the model's by more than ``spacing_tolerance`` times on an
-    axis, or with another channel count or dimensionality, get a new model instead: a model made for
-    1 mm phantoms would otherwise see a CT abdomen through 64 mm patches.
+    axis, with another channel count or dimensionality, or CT in Hounsfield units (``auto_intensity``)
+    for a model that does not window CT, get a new model instead: a model made for 1 mm phantoms would
+    otherwise see a CT abdomen through 64 mm patches and per-image percentiles.
     """
     from .labelset import max_label
     from .segmenter import load_image
@@ -196,6 +197,9 @@ def fine_tune_mismatch(cfg: SegDiffConfig, items: Sequence[dict], labels: Sequen
         for axis, (a, b) in enumerate(zip(wanted, cfg.spacing)):
             if a > 0 and b > 0 and max(a / b, b / a) > spacing_tolerance:
                 return f"the images' spacing {wanted} mm is far from the model's {cfg.spacing} mm (axis {axis})"
+    intensity = auto_intensity(items)["intensity"]
+    if intensity == "ct" and cfg.intensity != "ct":
+        return f"the images are CT in Hounsfield units, the model normalises by {cfg.intensity}"
     return None
 
 

@@ -83,6 +83,11 @@ def test_new_config_windows_ct_on_its_labelled_voxels(tmp_path):
     assert new_config(ct[:2] + mri[:1], ["organ"]).intensity == "percentile"  # not all CT: no one window
     assert new_config(ct, ["organ"], intensity="percentile").intensity == "percentile"  # asked for
     assert new_config(ct, ["organ"], intensity="ct").ct_window == auto.ct_window
+    # a model that does not window CT is not fine-tuned on CT (the app trains a new one)
+    from monai_segdiff.training import fine_tune_mismatch
+
+    assert fine_tune_mismatch(auto, ct, ["organ"]) is None
+    assert "Hounsfield" in fine_tune_mismatch(auto.replace(intensity="percentile"), ct, ["organ"])
     # the window is what training and inference see: the organ spans [-1, 1], air and bone clip to the ends
     from monai_segdiff.transforms import apply, preprocess_transforms
 
