@@ -22,10 +22,15 @@ def label_names(studies: str | Path, items: Sequence[dict] = ()) -> list[str]:
         if [v for v, _ in fg] != list(range(1, len(fg) + 1)):
             raise InputError(f"{path}: label values must be 1..K without gaps, got {[v for v, _ in fg]}")
         return [k for _, k in fg]
-    top = max((max_label(it["label"]) for it in items if "label" in it), default=0)
+    top = largest_label(items)
     if top < 1:
         raise InputError(f"no foreground label found under {Path(studies) / 'labels'}")
     return [f"label{i}" for i in range(1, top + 1)]
+
+
+def largest_label(items: Sequence[dict]) -> int:
+    """Largest label value over the items' label files (0 without any)."""
+    return max((max_label(it["label"]) for it in items if it.get("label")), default=0)
 
 
 def max_label(path: str | Path) -> int:

@@ -179,13 +179,13 @@ def fine_tune_mismatch(cfg: SegDiffConfig, items: Sequence[dict], labels: Sequen
     for a model that does not window CT, get a new model instead: a model made for 1 mm phantoms would
     otherwise see a CT abdomen through 64 mm patches and per-image percentiles.
     """
-    from .labelset import max_label
+    from .labelset import largest_label
     from .segmenter import load_image
 
     if labels is not None and list(labels) != list(cfg.labels):
         return f"the studies' labels {list(labels)} differ from the model's {cfg.labels}"
     if labels is None:
-        top = max((max_label(it["label"]) for it in items if it.get("label")), default=0)
+        top = largest_label(items)
         if top > len(cfg.labels):
             return f"the labels go up to {top}, the model has {len(cfg.labels)} foreground label(s)"
     first = load_image(items[0]["image"])
@@ -197,8 +197,7 @@ def fine_tune_mismatch(cfg: SegDiffConfig, items: Sequence[dict], labels: Sequen
         for axis, (a, b) in enumerate(zip(wanted, cfg.spacing)):
             if a > 0 and b > 0 and max(a / b, b / a) > spacing_tolerance:
                 return f"the images' spacing {wanted} mm is far from the model's {cfg.spacing} mm (axis {axis})"
-    intensity = auto_intensity(items)["intensity"]
-    if intensity == "ct" and cfg.intensity != "ct":
+    if cfg.intensity != "ct" and auto_intensity(items)["intensity"] == "ct":  # reads images only if it matters
         return f"the images are CT in Hounsfield units, the model normalises by {cfg.intensity}"
     return None
 
