@@ -22,7 +22,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "spatial_dims": 2, "context": 1, "channels": None, "spacing": None, "roi_size": None,
     "prediction_type": "sample", "steps": 4, "samples": 5, "intensity": None, "seed": 0,
     "init": None, "resume": None, "iterations_per_epoch": None, "device": "cpu", "use_raters": None,
-    "anchor": False, "boundary_loss": None, "extra": None,
+    "anchor": None, "boundary_loss": None, "extra": None,
     "studies": None, "output": None, "postprocess": None, "quiet": False, "tensorboard": None, "augment": None,
 }
 # never taken over from the run that --resume continues (its other options are, unless given again)
@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "voxels (default: ct when every image is CT in HU, else percentile)")
     t.add_argument("--iterations-per-epoch", type=int)
     t.add_argument("--seed", type=int)
-    t.add_argument("--anchor", action="store_true", default=None,
-                   help="medsegdiff: add the anchor head (deterministic image-path prediction as condition)")
+    t.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=None,
+                   help="medsegdiff: the anchor head (deterministic image-path prediction as condition; "
+                        "on by default for a new medsegdiff model)")
     t.add_argument("--boundary-loss", action="store_true", default=None,
                    help="DermoSegDiff boundary-aware loss weights (on by default for dermosegdiff)")
     t.add_argument("--init", help="checkpoint to fine-tune from")
@@ -289,8 +290,8 @@ def _tensorboard(o: dict[str, Any]):
 def _extra(o: dict[str, Any]) -> dict[str, Any]:
     """Network-specific settings (``extra`` mapping of the YAML config, plus the flags)."""
     extra = dict(o.get("extra") or {})
-    if o.get("anchor"):
-        extra.setdefault("medsegdiff", {})["anchor"] = True
+    if o.get("anchor") is not None:
+        extra.setdefault("medsegdiff", {})["anchor"] = bool(o["anchor"])
     if o.get("boundary_loss") is not None:
         extra["boundary_loss"] = bool(o["boundary_loss"])
     return extra

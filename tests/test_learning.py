@@ -54,6 +54,26 @@ def test_fine_tune_only_a_model_made_for_such_data():
     assert fine_tune_mismatch(cfg.replace(spacing=[-1.0, -1.0, -1.0]), items, None) is None  # native grid
 
 
+def test_new_medsegdiff_has_the_anchor_head_unless_told_not_to():
+    """The anchor head is the default of a new MedSegDiff (CLI, app, simulation all use ``new_config``);
+    ``--no-anchor`` or ``extra`` turns it off, and other networks are untouched."""
+    from monai_segdiff.cli import _extra, _train_options, build_parser
+
+    items = data.labelled(data.datalist(PHANTOMS))[:2]
+    cfg = new_config(items, ["organ", "lesion"])
+    assert cfg.extra["medsegdiff"]["anchor"] is True
+    assert any(k.startswith("anchor.") for k in build_network(cfg).state_dict())
+    off = new_config(items, ["organ", "lesion"], extra={"medsegdiff": {"anchor": False}, "note": 1})
+    assert off.extra == {"medsegdiff": {"anchor": False}, "note": 1}
+    assert not any(k.startswith("anchor.") for k in build_network(off).state_dict())
+    assert "medsegdiff" not in new_config(items, ["organ", "lesion"], network="dermosegdiff").extra
+    def extra(*flags: str) -> dict:
+        return _extra(_train_options(build_parser().parse_args(["train", "--studies", "s", "--output", "m.pt", *flags])))
+
+    assert extra("--no-anchor") == {"medsegdiff": {"anchor": False}}
+    assert extra() == {}  # new_config's default decides
+
+
 def _volume(path: Path, array: np.ndarray, spacing=(0.8, 0.8, 2.5)) -> str:
     import nibabel as nib
 
