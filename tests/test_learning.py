@@ -67,6 +67,7 @@ def test_new_medsegdiff_has_the_anchor_head_unless_told_not_to():
     assert off.extra == {"medsegdiff": {"anchor": False}, "note": 1}
     assert not any(k.startswith("anchor.") for k in build_network(off).state_dict())
     assert "medsegdiff" not in new_config(items, ["organ", "lesion"], network="dermosegdiff").extra
+
     def extra(*flags: str) -> dict:
         return _extra(_train_options(build_parser().parse_args(["train", "--studies", "s", "--output", "m.pt", *flags])))
 
