@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -100,32 +101,44 @@ def auto_intensity(items: Sequence[dict], max_cases: int = 8, air_hu: float = -5
     instead of sharing [-1, 1] with air and bone, the same on every scanner. Anything else (MRI,
     pictures, mixed or rescaled data): per-image robust percentiles, ``{"intensity": "percentile"}``.
     """
+    labelled = [it for it in items if it.get("label")]
+    picks = labelled[:: max(1, math.ceil(len(labelled) / max_cases))][:max_cases]
+    window = _ct_window(tuple((_files(it["image"]), _files(it["label"])) for it in picks), air_hu)
+    return {"intensity": "ct", "ct_window": list(window)} if window else {"intensity": "percentile"}
+
+
+def _files(path) -> tuple:
+    """``((file, mtime), ...)`` of one path or one path per channel: a key that changes with the files."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    return tuple((str(p), os.path.getmtime(p) if os.path.isfile(p) else -1.0) for p in paths)
+
+
+@functools.lru_cache(maxsize=8)
+def _ct_window(pairs: tuple, air_hu: float) -> tuple[float, float] | None:
+    """The CT window of ``auto_intensity`` for ``((image files), (label files))`` pairs, or None (not
+    CT). Remembered: the fine-tune check and a new model's config ask for the same cases in one run."""
     from .segmenter import load_image, load_label
 
-    percentile = {"intensity": "percentile"}
-    labelled = [it for it in items if it.get("label")]
-    if not labelled:
-        return percentile
-    picks = labelled[:: max(1, math.ceil(len(labelled) / max_cases))][:max_cases]
     foreground = []
-    for it in picks:
+    for image, label in pairs:
         try:
-            img, lab = load_image(it["image"]), load_label(it["label"])
+            img = load_image([f for f, _ in image])
+            lab = load_label(label[0][0])
         except Exception:  # unreadable here: leave it to training, which reports it clearly
-            return percentile
+            return None
         if img.shape[0] != 1 or img.ndim != 4 or float(img.min()) > air_hu:
-            return percentile
+            return None
         if lab.shape[1:] == img.shape[1:]:
             foreground.append(img[0][lab[0] > 0].float())
     values = torch.cat(foreground) if foreground else torch.empty(0)
     if values.numel() < 100:
-        return percentile
+        return None
     if values.numel() > 2**24:  # quantile's input limit; a strided subset has the same percentiles
         values = values[:: math.ceil(values.numel() / 2**24)]
     lo, hi = (float(v) for v in torch.quantile(values, torch.tensor([0.005, 0.995])))
     if hi - lo < 1.0:
         lo, hi = lo - 50.0, hi + 50.0
-    return {"intensity": "ct", "ct_window": [round(lo, 1), round(hi, 1)]}
+    return round(lo, 1), round(hi, 1)
 
 
 def new_config(

@@ -3,6 +3,7 @@ phantoms far better than the same model untrained."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,16 @@ def test_new_config_windows_ct_on_its_labelled_voxels(tmp_path):
 
     assert fine_tune_mismatch(auto, ct, ["organ"]) is None
     assert "Hounsfield" in fine_tune_mismatch(auto.replace(intensity="percentile"), ct, ["organ"])
+    # the check and the new config read the cases once; a resubmitted label is read again
+    from monai_segdiff.training import _ct_window
+
+    hits = _ct_window.cache_info().hits
+    assert new_config(ct, ["organ"]).ct_window == auto.ct_window and _ct_window.cache_info().hits == hits + 1
+    for i, item in enumerate(ct):
+        body = np.zeros((32, 32, 8), dtype=np.uint8)
+        body[6:26, 6:26] = 1  # now mostly the ~0 HU body
+        os.utime(_volume(tmp_path / f"ct{i}_seg.nii.gz", body), (1e9 + i, 1e9 + i))
+    assert new_config(ct, ["organ"]).ct_window[0] < 0.0 < auto.ct_window[0]
     # the window is what training and inference see: the organ spans [-1, 1], air and bone clip to the ends
     from monai_segdiff.transforms import apply, preprocess_transforms
 
