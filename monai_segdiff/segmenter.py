@@ -128,6 +128,7 @@ class Segmenter:
             roi_size=cfg.roi_size if cfg.spatial_dims == 3 else None,
             seed=seed,
             progress=progress,
+            anchor_share=cfg.anchor_share,
         )
         # 2D images are preprocessed in-plane and kept 2D; volumes in 3D (sliced by a 2D network later)
         self.preprocess = {dims: preprocess_transforms(cfg, load=False, image_dims=dims) for dims in (2, 3)}
@@ -139,8 +140,9 @@ class Segmenter:
         net.load_state_dict(state)
         return cls(net, cfg, **kwargs)
 
-    def _members(self, net: nn.Module, batch: torch.Tensor, n: int, gen: torch.Generator | None) -> torch.Tensor:
-        return self.sampler.probabilities(net, batch.to(self.device), n, gen).float().cpu()
+    def _members(self, net: nn.Module, batch: torch.Tensor, n: int, gen: torch.Generator | None) -> tuple:
+        p, anchor = self.sampler.members_and_anchor(net, batch.to(self.device), n, gen)
+        return p.float().cpu(), (None if anchor is None else anchor.float().cpu())
 
     def ensemble(self, preprocessed: torch.Tensor) -> EnsembleOutput:
         """Run the ensemble on an already preprocessed image ``[C, *spatial]``."""

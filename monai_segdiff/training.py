@@ -261,8 +261,8 @@ def validation_dice(net: nn.Module, cfg: SegDiffConfig, cases, num_samples: int 
         return float("nan")
     sampler = build_sampler(cfg, steps=steps)
     inferer = SegDiffInferer(
-        sampler.probabilities, num_samples, cfg.num_classes, cfg.spatial_dims, cfg.context, cfg.divisor,
-        roi_size=cfg.roi_size if cfg.spatial_dims == 3 else None, seed=0,
+        sampler.members_and_anchor, num_samples, cfg.num_classes, cfg.spatial_dims, cfg.context, cfg.divisor,
+        roi_size=cfg.roi_size if cfg.spatial_dims == 3 else None, seed=0, anchor_share=cfg.anchor_share,
     )
     net.eval()
     overlap, size = np.zeros(cfg.num_classes - 1), np.zeros(cfg.num_classes - 1)

@@ -38,7 +38,8 @@ def test_config_round_trip_and_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "change", [{"network": "nope"}, {"channels": [10, 16, 16]}, {"sample_steps": 0}, {"num_samples": 0}, {"roi_size": [30, 30]}]
+    "change", [{"network": "nope"}, {"channels": [10, 16, 16]}, {"sample_steps": 0}, {"num_samples": 0}, {"roi_size": [30, 30]},
+              {"anchor_share": 1.5}]
 )
 def test_config_rejects_bad_values(change):
     with pytest.raises(ValueError):

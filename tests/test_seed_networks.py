@@ -105,6 +105,36 @@ def test_medsegdiff_anchor_is_a_condition_only():
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_anchor_share_mixes_the_anchor_into_the_fused_probabilities(spatial_dims):
+    """Fused = (1 - s) * members' mean + s * anchor, on slices and sliding-window patches alike; the
+    members' own label maps are untouched, and mutual information stays >= 0 (the expected entropy
+    is weighted like the mixture). A network without the head is not affected."""
+    from monai_segdiff.diffusion.inferer import SegDiffInferer
+
+    torch.manual_seed(0)
+    vol = torch.randn(1, 20, 18, 7)
+    for name in ("medsegdiff+anchor", "medsegdiff"):
+        cfg = variant(name, spatial_dims) if name in VARIANTS else tiny(name, spatial_dims)
+        net, sampler = build_network(cfg).eval(), DiffusionSampler(cfg)
+
+        def run(share: float, fn=sampler.members_and_anchor):
+            return SegDiffInferer(fn, 3, 3, spatial_dims, cfg.context, cfg.divisor, anchor_share=share,
+                                  roi_size=[16, 16, 8] if spatial_dims == 3 else None)(vol, net)
+
+        members, half, anchor = run(0.0), run(0.5), run(1.0)
+        assert torch.allclose(members.probs, run(0.5, sampler.probabilities).probs, atol=1e-6)
+        assert torch.equal(half.samples, members.samples)
+        if name == "medsegdiff":
+            assert torch.allclose(half.probs, members.probs, atol=1e-6)
+            continue
+        assert (anchor.probs - members.probs).abs().max() > 0.05  # the untrained head is its own prediction
+        assert torch.allclose(half.probs, 0.5 * members.probs + 0.5 * anchor.probs, atol=1e-4)
+        assert torch.allclose(half.probs.sum(0), torch.ones(()), atol=1e-4)
+        entropy = -torch.special.xlogy(half.probs, half.probs).sum(0)
+        assert (entropy - half.expected_entropy).min() > -1e-4  # Jensen: a mixture's entropy >= its mean
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_boundary_weights_peak_on_boundary_and_flatten_at_T(spatial_dims):
     n = 24 if spatial_dims == 2 else 16
     grid = torch.stack(torch.meshgrid(*[torch.arange(n)] * spatial_dims, indexing="ij")).float()

@@ -1,5 +1,7 @@
 """Volume inferer: slices (2D / 2.5D) or sliding-window patches (3D) in bounded batches, ensemble of
-N members, returning mean class probabilities, the N member label maps and the mean member entropy."""
+N members, returning the fused class probabilities, the N member label maps and the mean member
+entropy. Fused = the members' mean, or, with a deterministic anchor prediction and ``anchor_share``
+s > 0, the mixture ``(1 - s) * members' mean + s * anchor`` (its expected entropy weighted alike)."""
 
 from __future__ import annotations
 
@@ -12,17 +14,18 @@ import torch.nn.functional as F
 from monai.inferers import Inferer, sliding_window_inference
 from torch import nn
 
-# ``(net, image_batch [B, C, ...], num_samples, generator) -> member probabilities [N, B, K, ...]``
-MemberFn = Callable[[nn.Module, torch.Tensor, int, "torch.Generator | None"], torch.Tensor]
+# ``(net, image_batch [B, C, ...], num_samples, generator) -> member probabilities [N, B, K, ...]``, or
+# ``(member probabilities, anchor probabilities [B, K, ...] or None)``
+MemberFn = Callable[[nn.Module, torch.Tensor, int, "torch.Generator | None"], "torch.Tensor | tuple"]
 
 
 @dataclass
 class EnsembleOutput:
     """What one volume yields; spatial grid = the inferer's input grid."""
 
-    probs: torch.Tensor  # [K, *spatial] float32, mean over members
+    probs: torch.Tensor  # [K, *spatial] float32, fused: mean over members (and the anchor's share)
     samples: torch.Tensor  # [N, *spatial] uint8 class index per member
-    expected_entropy: torch.Tensor  # [*spatial] float32, mean member entropy (nats)
+    expected_entropy: torch.Tensor  # [*spatial] float32, mean member entropy (nats), weighted as probs
 
 
 def context_slices(volume: torch.Tensor, context: int) -> torch.Tensor:
@@ -51,12 +54,25 @@ def _entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
     return -(p * p.clamp_min(1e-12).log()).sum(dim)
 
 
+def _fuse(members: torch.Tensor, anchor: torch.Tensor | None, share: float, dim: int):
+    """``(fused probabilities, expected entropy)`` of members ``[N, ...]`` (classes on ``dim`` of a
+    member) and an optional anchor ``[...]`` holding ``share`` of the mixture."""
+    probs, ent = members.mean(0), _entropy(members, dim + 1).mean(0)
+    if anchor is None or share <= 0:
+        return probs, ent
+    return (1 - share) * probs + share * anchor, (1 - share) * ent + share * _entropy(anchor, dim)
+
+
+def _split(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return out if isinstance(out, tuple) else (out, None)
+
+
 class SegDiffInferer(Inferer):
     """Run an ensemble predictor over a whole preprocessed volume.
 
     Args:
         members: function returning member probabilities for an image batch (a sampler's
-            ``probabilities`` method).
+            ``probabilities``), or them and an anchor prediction (``members_and_anchor``).
         num_samples: ensemble size N.
         num_classes: K, background included.
         spatial_dims: 2 = slice mode along the last axis, 3 = sliding-window patches.
@@ -67,6 +83,7 @@ class SegDiffInferer(Inferer):
         roi_size: 3D patch size; overlap: sliding-window overlap (3D only).
         seed: seed of the initial noise, so a run is reproducible.
         progress: show a progress bar.
+        anchor_share: share of the anchor prediction in the fused probabilities (0: members only).
     """
 
     def __init__(
@@ -82,12 +99,13 @@ class SegDiffInferer(Inferer):
         overlap: float = 0.25,
         seed: int | None = 0,
         progress: bool = False,
+        anchor_share: float = 0.0,
     ) -> None:
         super().__init__()
         self.members, self.n, self.k = members, int(num_samples), int(num_classes)
         self.spatial_dims, self.context, self.divisor = spatial_dims, context, divisor
         self.max_batch_pixels, self.roi_size, self.overlap = max_batch_pixels, roi_size, overlap
-        self.seed, self.progress = seed, progress
+        self.seed, self.progress, self.anchor_share = seed, progress, float(anchor_share)
 
     def _generator(self) -> torch.Generator | None:
         return None if self.seed is None else torch.Generator().manual_seed(int(self.seed))
@@ -120,10 +138,13 @@ class SegDiffInferer(Inferer):
             sub = volume[..., max(0, z0 - self.context) : min(d, z1 + self.context)]
             batch = context_slices(sub, self.context)[z0 - max(0, z0 - self.context) :][: z1 - z0]
             batch, crop = pad_to_multiple(batch, self.divisor, 2)
-            p = self.members(net, batch, self.n, gen)[..., crop[0], crop[1]]  # [N, B, K, h, w]
-            probs[..., z0:z1] = p.mean(0).permute(1, 2, 3, 0)
+            p, anchor = _split(self.members(net, batch, self.n, gen))
+            p = p[..., crop[0], crop[1]]  # [N, B, K, h, w]
+            anchor = None if anchor is None else anchor[..., crop[0], crop[1]]
+            fused, ent = _fuse(p, anchor, self.anchor_share, 1)
+            probs[..., z0:z1] = fused.permute(1, 2, 3, 0)
             samples[..., z0:z1] = p.argmax(2).to(torch.uint8).permute(0, 2, 3, 1)
-            exp_ent[..., z0:z1] = _entropy(p, 2).mean(0).permute(1, 2, 0)
+            exp_ent[..., z0:z1] = ent.permute(1, 2, 0)
         return EnsembleOutput(probs, samples, exp_ent)
 
     def _patches(self, volume: torch.Tensor, net: nn.Module) -> EnsembleOutput:
@@ -132,8 +153,9 @@ class SegDiffInferer(Inferer):
         n, k = self.n, self.k
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
-            p = self.members(net, patch, n, gen)  # [N, B, K, ...]
-            return p.transpose(0, 1).reshape(patch.shape[0], n * k, *patch.shape[2:])
+            p, anchor = _split(self.members(net, patch, n, gen))  # [N, B, K, ...], [B, K, ...]
+            p = p.transpose(0, 1).reshape(patch.shape[0], n * k, *patch.shape[2:])
+            return p if anchor is None else torch.cat([p, anchor.to(p.dtype)], 1)
 
         padded, crop = pad_to_multiple(volume[None], self.divisor, 3)
         roi = tuple(min(r, s) - (min(r, s) % self.divisor) for r, s in zip(roi, padded.shape[2:]))
@@ -141,8 +163,8 @@ class SegDiffInferer(Inferer):
         out = sliding_window_inference(
             padded, roi, sw_batch, predictor, overlap=self.overlap, mode="gaussian", progress=self.progress
         )
-        member_probs = out[0][(slice(None), *crop)].reshape(n, k, *volume.shape[1:])
-        member_probs = member_probs / member_probs.sum(1, keepdim=True).clamp_min(1e-8)
-        return EnsembleOutput(
-            member_probs.mean(0), member_probs.argmax(1).to(torch.uint8), _entropy(member_probs, 1).mean(0)
-        )
+        out = out[0][(slice(None), *crop)].reshape(-1, k, *volume.shape[1:])  # N (+ 1 anchor) x K
+        out = out / out.sum(1, keepdim=True).clamp_min(1e-8)
+        member_probs, anchor = out[:n], (out[n] if len(out) > n else None)
+        fused, ent = _fuse(member_probs, anchor, self.anchor_share, 0)
+        return EnsembleOutput(fused, member_probs.argmax(1).to(torch.uint8), ent)

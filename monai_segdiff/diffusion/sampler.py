@@ -4,8 +4,10 @@ The image path runs once per image batch (``net.condition``) and is reused by ev
 member; only ``net.forward(x_t, t, cond)`` runs per step. A network may define
 ``member_condition(cond, n, generator) -> cond`` to expand the condition to ``n`` members itself
 (member-major, like :func:`repeat_members`, which is used otherwise), e.g. to draw a per-member
-latent that stays fixed over that member's steps (CIMD). The sampler knows nothing else of the
-network (diffusers-style separation of model, scheduler and loop).
+latent that stays fixed over that member's steps (CIMD). A network with a deterministic head on
+its image path may define ``anchor_probabilities(cond) -> [B, K, ...] | None`` (MedSegDiff's anchor),
+which :meth:`DiffusionSampler.members_and_anchor` returns next to the members. The sampler knows
+nothing else of the network (diffusers-style separation of model, scheduler and loop).
 """
 
 from __future__ import annotations
@@ -76,10 +78,23 @@ class DiffusionSampler:
     ) -> torch.Tensor:
         """Return x0 estimates ``[N, B, K, *spatial]`` in [-1, 1] for ``image [B, C, *spatial]``,
         starting from ``noise [N * B, K, *spatial]`` (member-major) or fresh noise from ``generator``."""
+        return self._sample(net, image, num_samples, generator, noise)[0]
+
+    def _sample(
+        self,
+        net: nn.Module,
+        image: torch.Tensor,
+        num_samples: int,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x0 estimates [N, B, K, ...], anchor probabilities [B, K, ...] or None)``."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         b = image.shape[0]
         cond = net.condition(image)
+        anchor_fn = getattr(net, "anchor_probabilities", None)
+        anchor = anchor_fn(cond) if callable(anchor_fn) else None
         member_condition = getattr(net, "member_condition", None)  # e.g. CIMD: one prior z per member
         if callable(member_condition):
             cond = member_condition(cond, num_samples, generator)
@@ -97,13 +112,22 @@ class DiffusionSampler:
                 x, x0 = self.scheduler.step(out, t, x, eta=self.eta, generator=generator)
             else:
                 x, x0 = self.scheduler.step(out, t, x, generator=generator)
-        return x0.clamp(-1, 1).reshape(num_samples, b, *shape[1:])
+        return x0.clamp(-1, 1).reshape(num_samples, b, *shape[1:]), anchor
 
     def probabilities(
         self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Per-member class probabilities ``[N, B, K, *spatial]``."""
         return x0_to_probs(self.sample(net, image, num_samples, generator), dim=2)
+
+    @torch.inference_mode()
+    def members_and_anchor(
+        self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(member probabilities [N, B, K, ...], the network's anchor probabilities [B, K, ...] or
+        None)`` from one run of the image path."""
+        x0, anchor = self._sample(net, image, num_samples, generator)
+        return x0_to_probs(x0, dim=2), anchor
 
 
 class MCDropoutSampler:
@@ -126,6 +150,12 @@ class MCDropoutSampler:
         logits = net(image.repeat(num_samples, *([1] * (image.ndim - 1))))
         net.train(was_training)
         return torch.softmax(logits.float(), dim=1).reshape(num_samples, image.shape[0], *logits.shape[1:])
+
+    def members_and_anchor(
+        self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, None]:
+        """As :meth:`DiffusionSampler.members_and_anchor`; a plain network has no anchor."""
+        return self.probabilities(net, image, num_samples, generator), None
 
 
 def build_sampler(cfg: SegDiffConfig, steps: int | None = None, eta: float | None = None, method: str = "ddim"):

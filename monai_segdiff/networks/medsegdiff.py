@@ -126,6 +126,10 @@ class MedSegDiff(nn.Module):
         with the anchor head, its prediction (scaled to [-1, 1]) is the last entry."""
         return self._condition(image)[0]
 
+    def anchor_probabilities(self, cond: list[torch.Tensor]) -> torch.Tensor | None:
+        """The anchor head's class probabilities ``[B, K, ...]`` from a :meth:`condition` (None without it)."""
+        return None if self.anchor is None else (cond[-1].float() + 1) / 2
+
     def training_condition(self, image: torch.Tensor, x0: torch.Tensor) -> list[torch.Tensor]:
         """As :meth:`condition`; with the anchor head, keeps its logits and the mask for :meth:`extra_loss`."""
         cond, logits = self._condition(image)
