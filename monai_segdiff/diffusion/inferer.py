@@ -54,7 +54,7 @@ def _entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
     return -(p * p.clamp_min(1e-12).log()).sum(dim)
 
 
-def _fuse(members: torch.Tensor, anchor: torch.Tensor | None, share: float, dim: int):
+def _fuse(members: torch.Tensor, anchor: torch.Tensor | None, share: float, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fused probabilities, expected entropy)`` of members ``[N, ...]`` (classes on ``dim`` of a
     member) and an optional anchor ``[...]`` holding ``share`` of the mixture."""
     probs, ent = members.mean(0), _entropy(members, dim + 1).mean(0)
@@ -63,7 +63,8 @@ def _fuse(members: torch.Tensor, anchor: torch.Tensor | None, share: float, dim:
     return (1 - share) * probs + share * anchor, (1 - share) * ent + share * _entropy(anchor, dim)
 
 
-def _split(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _split(out: "torch.Tensor | tuple") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A member function's result as ``(members, anchor or None)``."""
     return out if isinstance(out, tuple) else (out, None)
 
 
