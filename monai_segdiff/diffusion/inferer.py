@@ -54,7 +54,9 @@ def _entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
     return -(p * p.clamp_min(1e-12).log()).sum(dim)
 
 
-def _fuse(members: torch.Tensor, anchor: torch.Tensor | None, share: float, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fuse(
+    members: torch.Tensor, anchor: torch.Tensor | None, share: float, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fused probabilities, expected entropy)`` of members ``[N, ...]`` (classes on ``dim`` of a
     member) and an optional anchor ``[...]`` holding ``share`` of the mixture."""
     probs, ent = members.mean(0), _entropy(members, dim + 1).mean(0)
