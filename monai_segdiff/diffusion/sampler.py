@@ -80,15 +80,9 @@ class DiffusionSampler:
         starting from ``noise [N * B, K, *spatial]`` (member-major) or fresh noise from ``generator``."""
         return self._sample(net, image, num_samples, generator, noise)[0]
 
-    def _sample(
-        self,
-        net: nn.Module,
-        image: torch.Tensor,
-        num_samples: int,
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(x0 estimates [N, B, K, ...], anchor probabilities [B, K, ...] or None)``."""
+    def _sample(self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As :meth:`sample`, plus the anchor probabilities ``[B, K, ...]`` (or None) from the same condition."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         b = image.shape[0]
