@@ -60,14 +60,15 @@ def _fuse(
     """``(fused probabilities, expected entropy)`` of members ``[N, ...]`` (classes on ``dim`` of a
     member) and an optional anchor ``[...]`` holding ``share`` of the mixture."""
     probs, ent = members.mean(0), _entropy(members, dim + 1).mean(0)
-    if anchor is None or share <= 0:
+    if anchor is None:
         return probs, ent
     return (1 - share) * probs + share * anchor, (1 - share) * ent + share * _entropy(anchor, dim)
 
 
-def _split(out: "torch.Tensor | tuple") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A member function's result as ``(members, anchor or None)``."""
-    return out if isinstance(out, tuple) else (out, None)
+def _split(out: "torch.Tensor | tuple", share: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A member function's result as ``(members, anchor or None)``; no anchor when its share is 0."""
+    members, anchor = out if isinstance(out, tuple) else (out, None)
+    return members, (anchor if share > 0 else None)
 
 
 class SegDiffInferer(Inferer):
@@ -141,7 +142,7 @@ class SegDiffInferer(Inferer):
             sub = volume[..., max(0, z0 - self.context) : min(d, z1 + self.context)]
             batch = context_slices(sub, self.context)[z0 - max(0, z0 - self.context) :][: z1 - z0]
             batch, crop = pad_to_multiple(batch, self.divisor, 2)
-            p, anchor = _split(self.members(net, batch, self.n, gen))
+            p, anchor = _split(self.members(net, batch, self.n, gen), self.anchor_share)
             p = p[..., crop[0], crop[1]]  # [N, B, K, h, w]
             anchor = None if anchor is None else anchor[..., crop[0], crop[1]]
             fused, ent = _fuse(p, anchor, self.anchor_share, 1)
@@ -156,7 +157,7 @@ class SegDiffInferer(Inferer):
         n, k = self.n, self.k
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
-            p, anchor = _split(self.members(net, patch, n, gen))  # [N, B, K, ...], [B, K, ...]
+            p, anchor = _split(self.members(net, patch, n, gen), self.anchor_share)  # [N, B, K, ...], [B, K, ...]
             p = p.transpose(0, 1).reshape(patch.shape[0], n * k, *patch.shape[2:])
             return p if anchor is None else torch.cat([p, anchor.to(p.dtype)], 1)
 
