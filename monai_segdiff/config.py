@@ -23,6 +23,13 @@ class CheckpointError(ValueError):
     """A file that is not a monai-segdiff checkpoint, or one that cannot be used as asked."""
 
 
+def size_divisor(channels: list[int], network: str, extra: dict[str, Any]) -> int:
+    """One halving per level below the top, one more with a strided image-path stem (MedSegDiff's
+    ``image_stride``)."""
+    stride = int(dict(extra.get(network) or {}).get("image_stride", 1))
+    return 2 ** (len(channels) - 1) * stride
+
+
 @dataclass
 class SegDiffConfig:
     """Everything needed to rebuild a network and run it on a new image.
@@ -178,8 +185,8 @@ class SegDiffConfig:
 
     @property
     def divisor(self) -> int:
-        """Spatial sizes must be divisible by this (one halving per level below the top)."""
-        return 2 ** (len(self.channels) - 1)
+        """Spatial sizes must be divisible by this."""
+        return size_divisor(self.channels, self.network, self.extra)
 
     # -- plain-type round trip ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

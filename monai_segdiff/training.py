@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .config import SegDiffConfig, load_checkpoint, save_checkpoint, training_state_path
+from .config import SegDiffConfig, load_checkpoint, save_checkpoint, size_divisor, training_state_path
 from .diffusion.inferer import SegDiffInferer
 from .diffusion.objective import DiffusionObjective, supervised_loss
 from .diffusion.sampler import build_sampler
@@ -180,7 +180,7 @@ def new_config(
         channels=channels, attention_levels=[False] * len(channels),
         norm_num_groups=16 if all(c % 16 == 0 for c in channels) else 8,
         spacing=list(spacing or auto_spacing(items, spatial_dims)),
-        roi_size=list(roi_size or auto_roi(items, spatial_dims, 2 ** (len(channels) - 1))),
+        roi_size=list(roi_size or auto_roi(items, spatial_dims, size_divisor(channels, network, overrides.get("extra") or {}))),
         image_channels=int(first.shape[0]),
         **overrides,
     )

@@ -83,6 +83,17 @@ def _volume(path: Path, array: np.ndarray, spacing=(0.8, 0.8, 2.5)) -> str:
     return str(path)
 
 
+def test_new_config_patch_divides_by_the_networks_halvings(tmp_path):
+    """The automatic patch size is a multiple of what the network halves it by: one more halving
+    with MedSegDiff's strided image path (40 voxels -> 40 or 48)."""
+    items = [{"image": _volume(tmp_path / "a.nii.gz", np.zeros((40, 40, 12), np.float32)),
+              "label": _volume(tmp_path / "a_seg.nii.gz", np.ones((40, 40, 12), np.uint8))}]
+    plain = new_config(items, ["organ"], spatial_dims=3)
+    strided = new_config(items, ["organ"], spatial_dims=3, extra={"medsegdiff": {"image_stride": 2}})
+    assert (plain.divisor, strided.divisor) == (8, 16)
+    assert plain.roi_size[:2] == [40, 40] and strided.roi_size[:2] == [48, 48]
+
+
 def test_new_config_windows_ct_on_its_labelled_voxels(tmp_path):
     """CT in Hounsfield units gets one window from the labelled voxels (soft tissue keeps its
     contrast); MRI-like, multi-modal or mixed data keeps per-image percentiles."""

@@ -22,6 +22,7 @@ from monai_segdiff.transforms import PatchSampler, to_onehot_scaled
 
 VARIANTS = {
     "medsegdiff+anchor": ("medsegdiff", {"medsegdiff": {"anchor": True}}),
+    "medsegdiff+stride2": ("medsegdiff", {"medsegdiff": {"anchor": True, "image_stride": 2}}),
     "dermosegdiff": ("dermosegdiff", {"boundary_loss": True}),
     "cimd": ("cimd", {}),
 }
@@ -105,6 +106,24 @@ def test_medsegdiff_anchor_is_a_condition_only():
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_medsegdiff_image_stride_keeps_the_image_path_below_full_resolution(spatial_dims):
+    """``image_stride`` 2: every image-path level at half resolution or below, the anchor and the
+    prediction still at full resolution, sizes padded to one more halving."""
+    cfg = variant("medsegdiff+stride2", spatial_dims)
+    assert cfg.divisor == 2 * tiny("medsegdiff", spatial_dims).divisor
+    net = build_network(cfg)
+    img = torch.randn(2, cfg.in_channels, *cfg.roi_size)
+    assert [tuple(f.shape[2:]) for f in net.image_path(img)] == [
+        tuple(s // 2 ** (i + 1) for s in cfg.roi_size) for i in range(len(cfg.channels))
+    ]
+    cond = net.condition(img)
+    assert cond[-1].shape[2:] == img.shape[2:]  # the anchor, upsampled
+    assert net(torch.randn(2, 3, *cfg.roi_size), torch.full((2,), 10), cond).shape == (2, 3, *cfg.roi_size)
+    with pytest.raises(ValueError, match="image_stride"):
+        build_network(tiny("medsegdiff", spatial_dims, extra={"medsegdiff": {"image_stride": 4}}))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_anchor_share_mixes_the_anchor_into_the_fused_probabilities(spatial_dims):
     """Fused = (1 - s) * members' mean + s * anchor, on slices and sliding-window patches alike; the
     members' own label maps are untouched, and mutual information stays >= 0 (the expected entropy
@@ -113,7 +132,7 @@ def test_anchor_share_mixes_the_anchor_into_the_fused_probabilities(spatial_dims
 
     torch.manual_seed(0)
     vol = torch.randn(1, 20, 18, 7)
-    for name in ("medsegdiff+anchor", "medsegdiff"):
+    for name in ("medsegdiff+anchor", "medsegdiff+stride2", "medsegdiff"):
         cfg = variant(name, spatial_dims) if name in VARIANTS else tiny(name, spatial_dims)
         net, sampler = build_network(cfg).eval(), DiffusionSampler(cfg)
 

@@ -61,12 +61,18 @@ class FiLM(nn.Module):
 
 class ImageEncoderDecoder(nn.Module):
     """The heavy image path: a small UNet whose decoder features at every level are returned
-    (finest first), so the light mask path can be conditioned at each resolution."""
+    (finest first), so the light mask path can be conditioned at each resolution.
 
-    def __init__(self, spatial_dims: int, in_channels: int, channels: Sequence[int], groups: int = 8) -> None:
+    ``stem_stride`` 2 starts with a strided convolution, as MONAI's ``UNet`` does: every level then
+    runs at half resolution or below. In 3D the full-resolution decoder convolution was ~40 % of a
+    training step (64x64x32 patches), so this cuts the cost of 3D models most."""
+
+    def __init__(
+        self, spatial_dims: int, in_channels: int, channels: Sequence[int], groups: int = 8, stem_stride: int = 1
+    ) -> None:
         super().__init__()
         ch = list(channels)
-        self.stem = conv(spatial_dims, in_channels, ch[0], groups=groups)  # full resolution: one conv only
+        self.stem = conv(spatial_dims, in_channels, ch[0], stride=stem_stride, groups=groups)  # one conv only
         self.down = nn.ModuleList(
             nn.Sequential(conv(spatial_dims, ch[i], ch[i + 1], stride=2, groups=groups), conv(spatial_dims, ch[i + 1], ch[i + 1], groups=groups))
             for i in range(len(ch) - 1)
