@@ -76,7 +76,8 @@ class MedSegDiff(nn.Module):
         anchor_weight: weight of the anchor's Dice + CE in the training loss.
         image_stride: 2 runs the whole image path at half resolution or below (a strided stem, as in
             MONAI's ``UNet``); the mask path then gains a level and the output head sees the image
-            features upsampled. For 3D: a training step on 64x64x32 patches costs a third as much.
+            features and the anchor upsampled. Training steps are 2.8x cheaper on 64x64x32 patches
+            and 2.1x on 2.5D slices (BENCHMARKS.md, session 7).
             Sizes must then be divisible by ``2 ** len(channels)``.
     """
 
