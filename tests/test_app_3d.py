@@ -1,4 +1,4 @@
-"""The app serving a 3D model (``segdiff train --spatial-dims 3``, README "3D models"): a real
+"""The app serving a 3D model (``segdiff train --spatial-dims 3``, README "Strided image path"): a real
 ``monailabel start_server`` with a tiny 3D MedSegDiff (strided image path, anchor head) trained for a
 few iterations, driven with MONAILabelClient. It checks the 3D path end to end (sliding windows over
 a volume larger than the patch, resampling back to the image grid, the uncertainty model, a fine-tune
