@@ -21,7 +21,7 @@ import threading
 
 import monai_segdiff
 from fastapi import HTTPException
-from lib.auth import close_open_routes, fix_token_validation
+from lib.auth import answer_refused_logins, close_open_routes, fix_token_validation
 from lib.configs import SegDiffTaskConfig
 from lib.datastore import SegDiffDICOMWebDatastore
 from lib.labels import present_values, remap_label_file, seg_label_info, value_mapping
@@ -70,6 +70,7 @@ class SegDiffApp(MONAILabelApp):
         if settings.MONAI_LABEL_AUTH_ENABLE:  # MONAI Label 0.8.5's gaps (lib/auth.py)
             fix_token_validation()  # else every token is refused (PyJWT 2)
             close_open_routes()  # POST /reload needs no token
+            answer_refused_logins()  # a wrong password was a bare 500
         self.model_dir = os.path.join(app_dir, "model")
         self.task = SegDiffTaskConfig()
         self.task.init("segdiff", self.model_dir, conf, None, studies=studies)

@@ -12,6 +12,10 @@ algorithm is allowed (an HS256 token "signed" with the public key must not pass)
 `close_open_routes` removes ``POST /reload``, which MONAI Label serves without any authentication: it
 drops the app instance (sessions, caches, active-learning reservations) and builds it anew on the next
 request -- a denial of service anyone could trigger.
+
+`answer_refused_logins` makes ``POST /auth/token`` answer a wrong user name or password with 401 and a
+reason: MONAI Label forwards the login to the realm and calls ``raise_for_status()`` on its answer, so
+the realm's 401 reached the client (Slicer's login) as a bare 500.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import sys
 from typing import Any
 
 import jwt
+import requests
+from fastapi import Depends, HTTPException
+from fastapi.security import OAuth2PasswordRequestForm  # module level: FastAPI resolves the annotation here
 
 logger = logging.getLogger(__name__)
 
@@ -67,3 +74,39 @@ def close_open_routes() -> list[str]:
     if removed:
         logger.info(f"authentication on: removed the unauthenticated route(s) {', '.join(removed)}")
     return removed
+
+
+TOKEN_ROUTE = "/auth/token"
+
+
+def answer_refused_logins() -> bool:
+    """Put a wrapper of MONAI Label's ``POST /auth/token`` first in the running server's routes (no-op
+    outside it): the realm refusing the login -> 401 with a reason, the realm failing or unreachable ->
+    502. True if added."""
+    server = sys.modules.get("monailabel.app")
+    router = getattr(getattr(server, "app", None), "router", None)
+    try:
+        from monailabel.endpoints import login
+    except ImportError:  # another MONAI Label layout: nothing to fix here
+        return False
+    original = getattr(login, "access_token", None)
+    if router is None or original is None:
+        return False
+
+    async def access_token(form_data: OAuth2PasswordRequestForm = Depends()):
+        try:
+            return await original(form_data)
+        except requests.HTTPError as e:
+            status = e.response.status_code if e.response is not None else None
+            if status in (400, 401):  # Keycloak: 401 invalid_grant "Invalid user credentials"
+                raise HTTPException(401, "login refused: wrong user name or password",
+                                    headers={"WWW-Authenticate": "Bearer"}) from None
+            raise HTTPException(502, f"the authentication server answered {status}") from None
+        except requests.RequestException as e:
+            raise HTTPException(502, f"the authentication server cannot be reached ({type(e).__name__})") from None
+
+    router.add_api_route(TOKEN_ROUTE, access_token, methods=["POST"], response_model=getattr(login, "Token", None),
+                         summary="Fetch new access code/token", tags=["Auth"])
+    router.routes.insert(0, router.routes.pop())  # matched before MONAI Label's own route
+    logger.info(f"authentication on: {TOKEN_ROUTE} answers a refused login with 401")
+    return True
