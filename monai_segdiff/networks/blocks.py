@@ -34,6 +34,14 @@ def two_path_widths(
     return ch, mch, min(norm_num_groups, 8)
 
 
+def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(Bi/tri)linear resize of feature maps ``[B, C, *spatial]`` to ``size``; a no-op when they already
+    have it (the two-path networks' mask path up to the output head's full resolution)."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear" if x.ndim == 4 else "trilinear")
+
+
 class TimeEmbedding(nn.Module):
     """Sinusoidal timestep embedding (Ho et al. 2020) followed by an MLP."""
 

@@ -33,7 +33,7 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from ..losses import diagonal_gaussian_kl, dice_ce
-from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv, two_path_widths
+from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv, resize, two_path_widths
 
 
 class GaussianEncoder(nn.Module):
@@ -196,8 +196,7 @@ class CIMD(nn.Module):
         for i in reversed(range(len(self.up))):
             h = F.interpolate(h, size=skips[i].shape[2:], mode="nearest")
             h = self.up[i](torch.cat([h, skips[i]], dim=1))
-        h = F.interpolate(h, size=x_t.shape[2:], mode="bilinear" if self.spatial_dims == 2 else "trilinear")
-        return self.out(torch.cat([h, feats[0], x_t, self._zmap(z, x_t)], dim=1))
+        return self.out(torch.cat([resize(h, x_t.shape[2:]), feats[0], x_t, self._zmap(z, x_t)], dim=1))
 
 
 def _pointwise(spatial_dims: int, cin: int, cout: int) -> nn.Module:

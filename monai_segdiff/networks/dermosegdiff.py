@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv, two_path_widths
+from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv, resize, two_path_widths
 
 
 class ImageGate(nn.Module):
@@ -102,8 +102,7 @@ class DermoSegDiff(nn.Module):
         for i in reversed(range(len(self.up))):
             h = F.interpolate(h, size=skips[i].shape[2:], mode="nearest")
             h = self.up[i](torch.cat([h, skips[i], values[i]], dim=1))
-        h = F.interpolate(h, size=x_t.shape[2:], mode="bilinear" if self.spatial_dims == 2 else "trilinear")
-        return self.out(torch.cat([h, cond[0], x_t], dim=1))
+        return self.out(torch.cat([resize(h, x_t.shape[2:]), cond[0], x_t], dim=1))
 
 
 def _pointwise(spatial_dims: int, cin: int, cout: int) -> nn.Module:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import dice_ce
-from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv, two_path_widths
+from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv, resize, two_path_widths
 
 
 class FFParser(nn.Module):
@@ -100,8 +100,9 @@ class MedSegDiff(nn.Module):
             raise ValueError(f"image_stride must be 1 or 2, got {image_stride}")
         ch, mch, groups = two_path_widths(channels, mask_channels, norm_num_groups)
         self.image_path = ImageEncoderDecoder(spatial_dims, image_channels, ch, groups=groups, stem_stride=image_stride)
-        # the mask path starts at half resolution and is fused with the image levels from there on
         self.image_stride = image_stride
+        # mask-path widths, one per level from half resolution: the image levels below the top (stride
+        # 1), or all of them (stride 2: the image path's top level is at half resolution too)
         levels = mch[1:] if image_stride == 1 else mch
         self.project = nn.ModuleList(_pointwise(spatial_dims, c, m) for c, m in zip(ch, mch))
         self.temb = TimeEmbedding(mch[1] * 2)
@@ -132,10 +133,10 @@ class MedSegDiff(nn.Module):
         feats = self.image_path(image)
         cond = [p(f) for p, f in zip(self.project, feats)]
         if self.image_stride == 2:  # the output head's features at full resolution, once per image
-            cond.insert(0, _resize(cond[0], image.shape[2:]))
+            cond.insert(0, resize(cond[0], image.shape[2:]))
         if self.anchor is None:
             return cond, None
-        logits = _resize(self.anchor(feats[0]), image.shape[2:])
+        logits = resize(self.anchor(feats[0]), image.shape[2:])
         return cond + [2 * torch.softmax(logits.detach().float(), dim=1).to(logits.dtype) - 1], logits
 
     def condition(self, image: torch.Tensor) -> list[torch.Tensor]:
@@ -178,14 +179,7 @@ class MedSegDiff(nn.Module):
         for i in reversed(range(len(self.up))):
             h = F.interpolate(h, size=skips[i].shape[2:], mode="nearest")
             h = self.up[i](torch.cat([h, skips[i]], dim=1))
-        return self.out(torch.cat([_resize(h, x_t.shape[2:]), cond[0], x_t], dim=1))
-
-
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """(Bi/tri)linear resize of feature maps to ``size``; a no-op when they already have it."""
-    if tuple(x.shape[2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear" if x.ndim == 4 else "trilinear")
+        return self.out(torch.cat([resize(h, x_t.shape[2:]), cond[0], x_t], dim=1))
 
 
 def _pointwise(spatial_dims: int, cin: int, cout: int) -> nn.Module:
