@@ -185,6 +185,13 @@ def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "cond
         time.sleep(interval)
 
 
+def slicer_params(info: dict, section: str, name: str) -> dict:
+    """What the Slicer plugin sends: every config value, lists reduced to their first entry."""
+    key = {"infer": "models", "train": "trainers", "activelearning": "strategies"}[section]
+    cfg = info[key][name].get("config", {})
+    return {k: (v[0] if isinstance(v, list) else v) for k, v in cfg.items()}
+
+
 def dump(obj) -> str:
     return json.dumps(obj, indent=1, default=str)[:4000]
 

@@ -11,7 +11,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import PHANTOMS, dump, make_studies, tiny_config, wait_for
+from conftest import PHANTOMS, dump, make_studies, slicer_params, tiny_config, wait_for
 
 from monai_segdiff import data
 from monai_segdiff.config import load_checkpoint
@@ -70,7 +70,7 @@ def test_server_segments_volumes_with_a_3d_model(model_3d, start_server, tmp_pat
         os.unlink(map_file)
 
     # Train with what Slicer sends (shortened): the 3D model is fine-tuned, not replaced by a 2.5D one
-    params = {k: (v[0] if isinstance(v, list) else v) for k, v in info["trainers"]["segdiff_train"]["config"].items()}
+    params = slicer_params(info, "train", "segdiff_train")
     params.update(max_epochs=1, iterations_per_epoch=3, train_batch_size=2)
     assert client.train_start("segdiff_train", params)["status"] in ("SUBMITTED", "RUNNING")
     done = wait_for(lambda: (s := client.train_status()) and s.get("status") not in ("SUBMITTED", "RUNNING") and s,

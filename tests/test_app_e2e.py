@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-from conftest import APP, PHANTOMS, dump, make_studies, wait_for
+from conftest import APP, PHANTOMS, dump, make_studies, slicer_params, wait_for
 
 from monai_segdiff.cache import LRUCache
 
@@ -52,13 +52,6 @@ def client(env, client_id):
     from monailabel.client import MONAILabelClient
 
     return MONAILabelClient(env["url"], tmpdir=str(env["root"]), client_id=client_id)
-
-
-def slicer_params(info: dict, section: str, name: str) -> dict:
-    """What the Slicer plugin sends: every config value, lists reduced to their first entry."""
-    key = {"infer": "models", "train": "trainers", "activelearning": "strategies"}[section]
-    cfg = info[key][name].get("config", {})
-    return {k: (v[0] if isinstance(v, list) else v) for k, v in cfg.items()}
 
 
 def datastore_objects(env) -> dict:

@@ -60,13 +60,18 @@ def fix_token_validation() -> bool:
     return True
 
 
+def _server_router() -> Any:
+    """The router of the running MONAI Label server's FastAPI app, or None outside the server."""
+    server = sys.modules.get("monailabel.app")
+    return getattr(getattr(server, "app", None), "router", None)
+
+
 OPEN_ROUTES = ("/reload",)
 
 
 def close_open_routes() -> list[str]:
     """Remove `OPEN_ROUTES` from the running MONAI Label server (no-op outside the server); the paths removed."""
-    server = sys.modules.get("monailabel.app")
-    router = getattr(getattr(server, "app", None), "router", None)
+    router = _server_router()
     if router is None:
         return []
     removed = [r.path for r in router.routes if getattr(r, "path", None) in OPEN_ROUTES]
@@ -83,8 +88,7 @@ def answer_refused_logins() -> bool:
     """Put a wrapper of MONAI Label's ``POST /auth/token`` first in the running server's routes (no-op
     outside it): the realm refusing the login -> 401 with a reason, the realm failing or unreachable ->
     502. True if added."""
-    server = sys.modules.get("monailabel.app")
-    router = getattr(getattr(server, "app", None), "router", None)
+    router = _server_router()
     try:
         from monailabel.endpoints import login
     except ImportError:  # another MONAI Label layout: nothing to fix here
