@@ -60,6 +60,7 @@ HARD_CASES: dict[int, tuple[str, ...]] = {
 NO_LESION = {3, 10, 17, 24}
 FLIPPED_AXES: dict[int, tuple[int, ...]] = {5: (0, 1), 12: (0, 1), 21: (0, 2)}
 HARD_KINDS = ("low_contrast", "noise", "blur", "bias", "small_lesion")
+HARD_RATE = 0.12  # chance of each hard kind in a case beyond the schedule
 
 
 @dataclass
@@ -156,14 +157,15 @@ def blob_sdf(
 # ----------------------------------------------------------------------------------------------
 
 
-def case_spec(index: int, rng: np.random.Generator) -> CaseSpec:
-    """Decide modality, geometry and difficulty of case ``index``."""
+def case_spec(index: int, rng: np.random.Generator, hard_rate: float = HARD_RATE) -> CaseSpec:
+    """Decide modality, geometry and difficulty of case ``index`` (beyond the shipped schedule each hard
+    kind occurs with probability ``hard_rate``)."""
     if index < DEFAULT_COUNT:
         hard = HARD_CASES.get(index, ())
         lesion = index not in NO_LESION
         flipped = FLIPPED_AXES.get(index, ())
     else:
-        hard = tuple(k for k in HARD_KINDS if rng.uniform() < 0.12)
+        hard = tuple(k for k in HARD_KINDS if rng.uniform() < hard_rate)
         lesion = bool(rng.uniform() < 0.85)
         flipped = (0, 1) if rng.uniform() < 0.1 else ()
     modality = "ct" if index % 2 == 0 else "mri"
@@ -221,10 +223,10 @@ def rater_labels(
     return labels
 
 
-def make_case(index: int, seed: int = DEFAULT_SEED) -> tuple[nib.Nifti1Image, dict[str, nib.Nifti1Image], CaseSpec]:
+def make_case(index: int, seed: int = DEFAULT_SEED, hard_rate: float = HARD_RATE) -> tuple[nib.Nifti1Image, dict[str, nib.Nifti1Image], CaseSpec]:
     """Build the image, the labels (``final`` and each rater) and the spec of case ``index``."""
     rng = np.random.default_rng([seed, index])
-    spec = case_spec(index, rng)
+    spec = case_spec(index, rng, hard_rate)
     affine = case_affine(spec, rng)
     points = world_grid(affine)
     world_centre = affine[:3, :3] @ ((np.asarray(SHAPE) - 1) / 2.0) + affine[:3, 3]
@@ -351,12 +353,14 @@ def save(img: nib.Nifti1Image, path: Path) -> None:
     nib.save(img, str(path))
 
 
-def generate(output: Path, count: int = DEFAULT_COUNT, seed: int = DEFAULT_SEED) -> list[CaseSpec]:
+def generate(
+    output: Path, count: int = DEFAULT_COUNT, seed: int = DEFAULT_SEED, hard_rate: float = HARD_RATE
+) -> list[CaseSpec]:
     """Write ``count`` cases as a MONAI Label studies folder under ``output``."""
     output.mkdir(parents=True, exist_ok=True)
     specs = []
     for index in range(count):
-        image, labels, spec = make_case(index, seed)
+        image, labels, spec = make_case(index, seed, hard_rate)
         save(image, output / f"{spec.name}.nii.gz")
         for tag, lab in labels.items():
             save(lab, output / "labels" / tag / f"{spec.name}.nii.gz")
@@ -374,8 +378,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="studies folder to write")
     parser.add_argument("--count", type=int, default=DEFAULT_COUNT, help="number of cases")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="base random seed")
+    parser.add_argument("--hard-rate", type=float, default=HARD_RATE,
+                        help="chance of each hard kind in a case beyond the first 28 (training sets rich in hard cases)")
     args = parser.parse_args(argv)
-    generate(args.output, args.count, args.seed)
+    generate(args.output, args.count, args.seed, args.hard_rate)
 
 
 if __name__ == "__main__":

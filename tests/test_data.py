@@ -257,6 +257,25 @@ def test_phantom_generator_reproduces_shipped_cases(tmp_path: Path) -> None:
             assert new.get_data_dtype() == old.get_data_dtype(), rel
 
 
+def test_phantom_generator_hard_rate_sets_the_share_of_hard_cases() -> None:
+    """``--hard-rate`` changes only cases beyond the shipped schedule: 0 gives none hard, 1 all kinds."""
+    sys.path.insert(0, str(SAMPLE))
+    try:
+        import generate_phantoms as gp
+    finally:
+        sys.path.remove(str(SAMPLE))
+
+    def spec(index: int, rate: float):
+        return gp.case_spec(index, np.random.default_rng([7, index]), rate)
+
+    assert spec(1, 0.0).hard == spec(1, 1.0).hard == ("low_contrast",)  # the shipped schedule holds
+    beyond = range(gp.DEFAULT_COUNT, gp.DEFAULT_COUNT + 40)
+    assert all(spec(i, 0.0).hard == () for i in beyond)
+    assert all(spec(i, 1.0).hard == gp.HARD_KINDS for i in beyond)
+    default = sum(bool(spec(i, gp.HARD_RATE).hard) for i in beyond)
+    assert 0 < default < 40
+
+
 def test_sample_data_size_budget() -> None:
     total = sum(p.stat().st_size for p in SAMPLE.rglob("*") if p.is_file())
     assert total <= 20 * 1024 * 1024
