@@ -24,6 +24,7 @@ Usage::
 
     python sample-data/generate_phantoms.py                      # the shipped set (28 cases)
     python sample-data/generate_phantoms.py --output /tmp/ph --count 4
+    python sample-data/generate_phantoms.py --output /tmp/hard --seed 2030 --count 300 --hard-rate 0.25
 """
 
 from __future__ import annotations
@@ -223,7 +224,9 @@ def rater_labels(
     return labels
 
 
-def make_case(index: int, seed: int = DEFAULT_SEED, hard_rate: float = HARD_RATE) -> tuple[nib.Nifti1Image, dict[str, nib.Nifti1Image], CaseSpec]:
+def make_case(
+    index: int, seed: int = DEFAULT_SEED, hard_rate: float = HARD_RATE
+) -> tuple[nib.Nifti1Image, dict[str, nib.Nifti1Image], CaseSpec]:
     """Build the image, the labels (``final`` and each rater) and the spec of case ``index``."""
     rng = np.random.default_rng([seed, index])
     spec = case_spec(index, rng, hard_rate)
@@ -379,7 +382,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=DEFAULT_COUNT, help="number of cases")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="base random seed")
     parser.add_argument("--hard-rate", type=float, default=HARD_RATE,
-                        help="chance of each hard kind in a case beyond the first 28 (training sets rich in hard cases)")
+                        help="chance of each hard kind in a case beyond the first 28 (more for training sets "
+                        "with more hard cases)")
     args = parser.parse_args(argv)
     generate(args.output, args.count, args.seed, args.hard_rate)
 
