@@ -185,6 +185,13 @@ def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "cond
         time.sleep(interval)
 
 
+def wait_task_done(status, timeout: float, interval: float = 1.0, what: str = "task") -> dict:
+    """Poll ``status()`` (a MONAI Label task status: train, scoring) until it is neither SUBMITTED nor
+    RUNNING; return that final status."""
+    return wait_for(lambda: (s := status()) and s.get("status") not in ("SUBMITTED", "RUNNING") and s,
+                    timeout=timeout, interval=interval, what=what)
+
+
 def slicer_params(info: dict, section: str, name: str) -> dict:
     """What the Slicer plugin sends: every config value, lists reduced to their first entry."""
     key = {"infer": "models", "train": "trainers", "activelearning": "strategies"}[section]

@@ -11,7 +11,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import PHANTOMS, dump, make_studies, slicer_params, tiny_config, wait_for
+from conftest import PHANTOMS, dump, make_studies, slicer_params, tiny_config, wait_task_done
 
 from monai_segdiff import data
 from monai_segdiff.config import load_checkpoint
@@ -73,8 +73,7 @@ def test_server_segments_volumes_with_a_3d_model(model_3d, start_server, tmp_pat
     params = slicer_params(info, "train", "segdiff_train")
     params.update(max_epochs=1, iterations_per_epoch=3, train_batch_size=2)
     assert client.train_start("segdiff_train", params)["status"] in ("SUBMITTED", "RUNNING")
-    done = wait_for(lambda: (s := client.train_status()) and s.get("status") not in ("SUBMITTED", "RUNNING") and s,
-                    timeout=600, interval=2, what="training")
+    done = wait_task_done(client.train_status, timeout=600, interval=2, what="training")
     stats = client.info()["train_stats"]["segdiff_train"]
     assert done["status"] == "DONE" and stats["init"] == "pretrained", dump(stats) + "\n" + server.tail()
     assert load_checkpoint(model_3d)[1].spatial_dims == 3

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-from conftest import APP, PHANTOMS, dump, make_studies, slicer_params, wait_for
+from conftest import APP, PHANTOMS, dump, make_studies, slicer_params, wait_for, wait_task_done
 
 from monai_segdiff.cache import LRUCache
 
@@ -240,10 +240,7 @@ def test_train_with_slicer_parameters_publishes_a_better_model(env):
     wait_for(lambda: c.train_status().get("status") != "SUBMITTED", timeout=60, interval=0.2, what="train start")
     with pytest.raises(Exception, match="429"):
         c.train_start("segdiff_train", params)
-    done = wait_for(
-        lambda: (s := c.train_status()) and s.get("status") not in ("SUBMITTED", "RUNNING") and s,
-        timeout=600, interval=2, what="training",
-    )
+    done = wait_task_done(c.train_status, timeout=600, interval=2, what="training")
     TIMINGS["train 1 epoch, Slicer defaults, incl. subprocess start (s)"] = time.time() - t0
     env["trained_at"] = time.time()
     assert done["status"] == "DONE", dump(done) + "\n" + env["server"].tail()
@@ -277,8 +274,8 @@ def test_scoring_on_demand(env):
     t0 = time.time()
     r = requests.post(f"{env['url']}/scoring/segdiff_uncertainty", json={"force": True}, timeout=60)
     assert r.status_code == 200, r.text
-    done = wait_for(lambda: (s := requests.get(f"{env['url']}/scoring/", timeout=10).json())
-                    .get("status") not in ("SUBMITTED", "RUNNING") and s, timeout=300, interval=1, what="scoring")
+    done = wait_task_done(lambda: requests.get(f"{env['url']}/scoring/", timeout=10).json(), timeout=300,
+                          what="scoring")
     n = len(unlabeled_scores(env))
     TIMINGS[f"scoring all {n} unlabeled on demand, incl. subprocess start (s)"] = time.time() - t0
     assert done["status"] == "DONE", dump(done)

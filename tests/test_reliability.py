@@ -31,7 +31,7 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from conftest import PHANTOMS, dump, make_studies, tiny_config, wait_for
+from conftest import PHANTOMS, dump, make_studies, tiny_config, wait_for, wait_task_done
 
 from monai_segdiff.config import load_checkpoint, save_checkpoint
 from monai_segdiff.networks import build_network
@@ -482,9 +482,8 @@ def train(srv, params: dict) -> requests.Response:
 
 
 def wait_train_done(srv, timeout: float = 300) -> dict:
-    return wait_for(lambda: (s := requests.get(f"{srv['url']}/train/", timeout=60).json())
-                    .get("status") not in ("SUBMITTED", "RUNNING") and s, timeout=timeout, interval=0.5,
-                    what="training task")
+    return wait_task_done(lambda: requests.get(f"{srv['url']}/train/", timeout=60).json(), timeout=timeout,
+                          interval=0.5, what="training task")
 
 
 def test_infer_during_training_and_sigkill_mid_epoch(srv):
