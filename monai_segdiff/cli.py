@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DermoSegDiff boundary-aware loss weights (on by default for dermosegdiff)")
     t.add_argument("--init", help="checkpoint to fine-tune from")
     t.add_argument("--postprocess", type=_postprocess,
-                   help="default clean-up of the model's masks: median,largest_component,fill_holes")
+                   help="default clean-up of the model's masks: median,confident_component,largest_component,fill_holes")
     t.add_argument("--augment", type=_augment,
                    help="training augmentations: flip,intensity,noise (the default: all) or 'none'")
     t.add_argument("--resume", help="checkpoint to continue exactly from its <checkpoint>.state (weights, EMA, "
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--method", choices=["ddim", "ddpm"], default="ddim")
     i.add_argument("--uncertainty", choices=["entropy", "mutual_information", "variance", "disagreement"])
     i.add_argument("--postprocess", type=_postprocess,
-                   help="clean-up of the fused mask: median,largest_component,fill_holes or none "
+                   help="clean-up of the fused mask: median,confident_component,largest_component,fill_holes or none "
                    "(default: the model's)")
     i.add_argument("--device", default="cpu")
     i.add_argument("--quiet", action="store_true")

@@ -487,14 +487,16 @@ def evaluate_checkpoint(
     max_cases: int | None = None,
     progress: bool = False,
     pictures: bool = True,
+    postprocess: str | list[str] | None = None,
 ) -> dict:
     """``segdiff evaluate`` as a function: load the checkpoint, evaluate the labelled studies, write
-    ``report.json``, ``report.html`` and the pictures to ``report_dir``."""
+    ``report.json``, ``report.html`` and the pictures to ``report_dir``. ``postprocess`` None: the
+    model's stored clean-up."""
     from . import data
     from .segmenter import Segmenter
 
     seg = Segmenter.from_checkpoint(model, num_samples=samples, steps=steps, seed=seed, device=device,
-                                    uncertainty=uncertainty)
+                                    uncertainty=uncertainty, postprocess=postprocess)
     items = select_items(data.datalist(studies), subset, val_split, split_seed, cases, max_cases)
     meta = {"model": str(model), "studies": str(studies), "subset": subset, "seed": seed}
     return evaluate(seg, items, report_dir, progress=progress, meta=meta, pictures=pictures)
@@ -515,6 +517,9 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
                    help="'val': only the validation cases of segdiff train's split (same --val-split/--split-seed)")
     e.add_argument("--val-split", type=float, default=0.2)
     e.add_argument("--split-seed", type=int, default=0)
+    e.add_argument("--postprocess",
+                   help="clean-up of the fused mask instead of the model's stored one, e.g. "
+                   "median,confident_component,fill_holes, or none")
     e.add_argument("--cases", help="comma-separated case ids to evaluate")
     e.add_argument("--max-cases", type=int)
     e.add_argument("--no-pictures", action="store_true")
@@ -529,6 +534,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=args.device, uncertainty=args.uncertainty, subset=args.subset, val_split=args.val_split,
         split_seed=args.split_seed, cases=[c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None,
         max_cases=args.max_cases, progress=not args.quiet, pictures=not args.no_pictures,
+        postprocess=args.postprocess,
     )
     if not args.quiet:
         print(summary_text(report))

@@ -3,13 +3,20 @@
 * ``median``: median filter (3 voxels wide, ``MedianSmooth``) of each class probability map before the
   arg-max (mean fusion); with vote / STAPLE fusion, of the one-hot fused mask (a majority filter).
   Removes salt-and-pepper voxels and smooths ragged borders.
+* ``confident_component``: keep, of each label, the candidate region the ensemble is surest of. The
+  candidates are the face-connected components where the label's (unfiltered) probability is at least
+  0.1; the kept one has the highest mean probability over its component, reaches 0.5 somewhere and
+  has a mean of at least 0.5, otherwise the label is left out. Inside the kept region the label
+  competes with its unfiltered probability, so the median filter cannot erase a small object. Works on probabilities (mean
+  fusion). For one object per label, like ``largest_component``, but a small sharp lesion beats a
+  larger blurred false one, and a label with no confident region stays empty (BENCHMARKS.md).
 * ``largest_component``: keep the largest face-connected component of each label
   (``KeepLargestConnectedComponent``, per label independently): drops isolated false-positive specks.
 * ``fill_holes``: background enclosed by a label becomes that label (``FillHoles``; background counts
   as open if it reaches the border through any neighbour, diagonals included); other labels inside it
   (a lesion inside an organ) are kept.
 
-They run in this order (median, largest component, fill holes) in the image's own dimensionality (3D
+They run in this order (median, confident component, largest component, fill holes) in the image's own dimensionality (3D
 components and holes for a volume, even with a 2D model). The uncertainty map is left as the ensemble
 gave it. One ``PostProcess`` is applied by ``Segmenter``, so the CLI, the app, evaluation and scoring
 share it; the checkpoint config's ``postprocess`` list is the default.
@@ -20,14 +27,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import FillHoles, KeepLargestConnectedComponent, MedianSmooth
+from scipy import ndimage
 from torch import Tensor
 
 __all__ = ["POSTPROCESS_OPTIONS", "PostProcess", "parse_postprocess"]
 
-POSTPROCESS_OPTIONS = ("median", "largest_component", "fill_holes")
+POSTPROCESS_OPTIONS = ("median", "confident_component", "largest_component", "fill_holes")
+CANDIDATE_FLOOR = 0.1  # probability above which a voxel belongs to a candidate region
+MIN_CONFIDENCE = 0.5  # mean probability (and peak) a kept candidate region needs
 
 
 def parse_postprocess(value: str | Sequence[str] | None) -> list[str]:
@@ -88,6 +99,32 @@ class PostProcess:
         total = out.sum(0, keepdim=True)
         # where every class's median is 0 (a perfect tie of hard votes) keep the unfiltered values
         return torch.where(total > 1e-6, out / total.clamp_min(1e-6), probs)
+
+    def select(self, probs: Tensor, smoothed: Tensor) -> Tensor:
+        """``confident_component``: class probabilities ``[K, *spatial]`` in which each foreground class
+        keeps its unfiltered probability inside its most confident candidate region and 0 elsewhere;
+        background keeps ``smoothed``. Renormalised; ``smoothed`` unchanged without the option.
+
+        Written here: MONAI's component transforms rank components by size, not by probability; scipy
+        labels the components and averages the probability over each.
+        """
+        if "confident_component" not in self.ops or not self.on_probabilities:
+            return smoothed
+        raw, out = _plain(probs).float(), _plain(smoothed).float().clone()
+        face = ndimage.generate_binary_structure(raw.ndim - 1, 1)
+        for c in range(1, raw.shape[0]):
+            p = raw[c].numpy()
+            regions, n = ndimage.label(p >= CANDIDATE_FLOOR, structure=face)
+            keep = torch.zeros(p.shape, dtype=torch.bool)
+            if n:
+                index = np.arange(1, n + 1)
+                means = np.asarray(ndimage.mean(p, regions, index))
+                means[np.asarray(ndimage.maximum(p, regions, index)) < MIN_CONFIDENCE] = -1.0
+                best = int(means.argmax())
+                if means[best] >= MIN_CONFIDENCE:
+                    keep = torch.from_numpy(regions == best + 1)
+            out[c] = torch.where(keep, raw[c], 0.0)
+        return out / out.sum(0, keepdim=True).clamp_min(1e-6)
 
     def clean(self, label: Tensor, median: bool = True) -> Tensor:
         """Cleaned label map ``[*spatial]`` (same shape and dtype as ``label``).

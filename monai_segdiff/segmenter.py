@@ -160,7 +160,7 @@ class Segmenter:
         out = self.ensemble(pre)
         t2 = time.perf_counter()
         umap = unc.uncertainty_map(self.uncertainty_kind, out.probs, out.samples, out.expected_entropy)
-        probs = self.postprocess.smooth(out.probs)
+        probs = self.postprocess.select(out.probs, self.postprocess.smooth(out.probs))
         label_pre = unc.fuse(probs, out.samples, method=self.cfg.fusion, num_classes=self.cfg.num_classes)
         label_pre = label_pre.to(torch.uint8)  # class indices < 256 (a CT-sized int64 map is 0.3 GiB)
         label_pre = self.postprocess.clean(label_pre)

@@ -19,7 +19,7 @@ network                     the library's (SegDiffConfig)      network when trai
 max_epochs                  10                                 default epochs of the trainer
 max_minutes                 30                                 default time budget of a training run (0: none)
 reserve_minutes             60                                 how long a picked image stays with its annotator
-postprocess                 "" (the model's)                   median,largest_component,fill_holes | none
+postprocess                 "" (the model's)                   median,confident_component,largest_component,fill_holes | none
 ==========================  =================================  ===========================================
 """
 
