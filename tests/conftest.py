@@ -192,6 +192,15 @@ def wait_task_done(status, timeout: float, interval: float = 1.0, what: str = "t
                     timeout=timeout, interval=interval, what=what)
 
 
+def task_idle(url: str, task: str) -> bool:
+    """A MONAI Label task (``train``, ``scoring``) is idle: never started (404) or neither SUBMITTED nor
+    RUNNING."""
+    import requests
+
+    r = requests.get(f"{url}/{task}/", timeout=60)
+    return r.status_code == 404 or r.json().get("status") not in ("SUBMITTED", "RUNNING")
+
+
 def slicer_params(info: dict, section: str, name: str) -> dict:
     """What the Slicer plugin sends: every config value, lists reduced to their first entry."""
     key = {"infer": "models", "train": "trainers", "activelearning": "strategies"}[section]

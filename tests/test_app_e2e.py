@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-from conftest import APP, PHANTOMS, dump, make_studies, slicer_params, wait_for, wait_task_done
+from conftest import APP, PHANTOMS, dump, make_studies, slicer_params, task_idle, wait_for, wait_task_done
 
 from monai_segdiff.cache import LRUCache
 
@@ -74,11 +74,6 @@ def scores_current(env):
     return scores if scores and all(t == ts and isinstance(s, float) for s, t in scores.values()) else None
 
 
-def scoring_idle(env) -> bool:
-    r = requests.get(f"{env['url']}/scoring/", timeout=10)
-    return r.status_code == 404 or r.json().get("status") not in ("SUBMITTED", "RUNNING")
-
-
 def load(path) -> nib.Nifti1Image:
     return nib.load(str(path))
 
@@ -129,7 +124,7 @@ def test_startup_scoring_scores_every_unlabeled_image(env):
     TIMINGS["start-up: server start until all unlabeled scored (s)"] = time.time() - env["t0"]
     assert sorted(scores) == sorted(env["unlabeled"])
     assert all(0.0 <= s <= 1.0 for s, _ in scores.values())
-    wait_for(lambda: scoring_idle(env), timeout=60, what="scoring task to finish")
+    wait_for(lambda: task_idle(env["url"], "scoring"), timeout=60, what="scoring task to finish")
 
 
 def test_next_sample_highest_score_and_one_annotator_per_image(env):
@@ -266,7 +261,7 @@ def test_scores_refreshed_with_the_new_model(env):
     scores = wait_for(lambda: scores_current(env), timeout=300, interval=2, what="rescoring after training")
     TIMINGS[f"rescoring {len(scores)} unlabeled after training (s, from train DONE)"] = time.time() - env["trained_at"]
     assert sorted(scores) == sorted(set(env["unlabeled"]) - {env["labelled_now"]})
-    wait_for(lambda: scoring_idle(env), timeout=60, what="scoring task to finish")
+    wait_for(lambda: task_idle(env["url"], "scoring"), timeout=60, what="scoring task to finish")
 
 
 def test_scoring_on_demand(env):
@@ -296,7 +291,7 @@ def test_next_sample_after_training(env):
 
 
 def test_without_a_model_infer_is_404_not_500(env):
-    wait_for(lambda: scoring_idle(env), timeout=120, what="scoring task to finish")
+    wait_for(lambda: task_idle(env["url"], "scoring"), timeout=120, what="scoring task to finish")
     moved = env["model"].with_suffix(".bak")
     os.replace(env["model"], moved)
     try:

@@ -26,7 +26,7 @@ import pydicom
 import pytest
 import requests
 import SimpleITK as sitk
-from conftest import APP, REPO, dump, free_port, wait_for
+from conftest import APP, REPO, dump, free_port, task_idle, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -368,10 +368,6 @@ def test_unknown_series_is_404(env):
 
 
 def test_server_log_has_no_traceback(env):
-    def scoring_idle() -> bool:
-        r = requests.get(f"{env['url']}/scoring/", timeout=10)
-        return r.status_code == 404 or r.json().get("status") not in ("SUBMITTED", "RUNNING")
-
-    wait_for(scoring_idle, timeout=120, what="scoring to finish")
+    wait_for(lambda: task_idle(env["url"], "scoring"), timeout=120, what="scoring to finish")
     log = Path(env["server"].log).read_text(errors="replace")
     assert "Traceback" not in log, env["server"].tail(80)

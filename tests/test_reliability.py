@@ -31,7 +31,7 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from conftest import PHANTOMS, dump, make_studies, tiny_config, wait_for, wait_task_done
+from conftest import PHANTOMS, dump, make_studies, task_idle, tiny_config, wait_for, wait_task_done
 
 from monai_segdiff.config import load_checkpoint, save_checkpoint
 from monai_segdiff.networks import build_network
@@ -130,11 +130,6 @@ def scores_current(srv) -> dict | None:
     found = {i: (o["image"]["info"].get(SCORE), o["image"]["info"].get(TS))
              for i, o in objects(srv).items() if "final" not in o.get("labels", {})}
     return found if found and all(t == ts and isinstance(s, float) for s, t in found.values()) else None
-
-
-def task_idle(srv, task: str) -> bool:
-    r = requests.get(f"{srv['url']}/{task}/", timeout=60)
-    return r.status_code == 404 or r.json().get("status") not in ("SUBMITTED", "RUNNING")
 
 
 def train_stats(srv) -> dict:
@@ -343,7 +338,7 @@ def test_bad_train_options_are_refused_before_training_starts(srv):
     ]
     for params, words in cases:
         assert_4xx(train(srv, params), 422, *words)
-    assert task_idle(srv, "train") and train_process(srv) is None
+    assert task_idle(srv["url"], "train") and train_process(srv) is None
     still_serving(srv)
 
 
@@ -553,7 +548,7 @@ def test_infer_during_training_and_sigkill_mid_epoch(srv):
 
 def test_restart_after_sigkill_keeps_labels_and_scores(srv):
     scores = wait_for(lambda: scores_current(srv), timeout=300, interval=1, what="scores of the served model")
-    wait_for(lambda: task_idle(srv, "scoring"), timeout=120, what="scoring to finish")
+    wait_for(lambda: task_idle(srv["url"], "scoring"), timeout=120, what="scoring to finish")
     before = objects(srv)
     labels = label_digests(srv["studies"])
     server = srv["server"]
@@ -587,7 +582,7 @@ def test_training_with_zero_or_one_labelled_image_is_refused(srv):
     requests.delete(f"{srv['url']}/datastore/label", params={"id": labelled[0], "tag": "final"}, timeout=60)
     wait_for(lambda: count() == 0, timeout=60, interval=0.5, what="last label removed")
     assert_4xx(train(srv, {"max_epochs": 1}), 422, "has 0")
-    assert task_idle(srv, "train")
+    assert task_idle(srv["url"], "train")
     kept = srv["studies"] / ".segdiff" / "replaced" / "final"
     assert {p.name for p in kept.iterdir()} >= {f"{i}.nii.gz" for i in labelled}  # removed labels are kept
     still_serving(srv)
