@@ -7,19 +7,20 @@
   candidates are the face-connected components where the label's (unfiltered) probability is at least
   0.1; the kept one has the highest mean probability over its component, reaches 0.5 somewhere and
   has a mean of at least 0.5, otherwise the label is left out. Inside the kept region the label
-  competes with its unfiltered probability, so the median filter cannot erase a small object. Works on probabilities (mean
-  fusion). For one object per label, like ``largest_component``, but a small sharp lesion beats a
-  larger blurred false one, and a label with no confident region stays empty (BENCHMARKS.md).
+  competes with its unfiltered probability, so the median filter cannot erase a small object. Works
+  on probabilities (mean fusion). For one object per label, like ``largest_component``, but a small
+  sharp lesion beats a larger blurred false one, and a label with no confident region stays empty
+  (BENCHMARKS.md, session 10).
 * ``largest_component``: keep the largest face-connected component of each label
   (``KeepLargestConnectedComponent``, per label independently): drops isolated false-positive specks.
 * ``fill_holes``: background enclosed by a label becomes that label (``FillHoles``; background counts
   as open if it reaches the border through any neighbour, diagonals included); other labels inside it
   (a lesion inside an organ) are kept.
 
-They run in this order (median, confident component, largest component, fill holes) in the image's own dimensionality (3D
-components and holes for a volume, even with a 2D model). The uncertainty map is left as the ensemble
-gave it. One ``PostProcess`` is applied by ``Segmenter``, so the CLI, the app, evaluation and scoring
-share it; the checkpoint config's ``postprocess`` list is the default.
+They run in this order (median, confident component, largest component, fill holes) in the image's
+own dimensionality (3D components and holes for a volume, even with a 2D model). The uncertainty map
+is left as the ensemble gave it. One ``PostProcess`` is applied by ``Segmenter``, so the CLI, the app,
+evaluation and scoring share it; the checkpoint config's ``postprocess`` list is the default.
 """
 
 from __future__ import annotations
