@@ -185,20 +185,22 @@ def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "cond
         time.sleep(interval)
 
 
+TASK_ACTIVE = ("SUBMITTED", "RUNNING")  # MONAI Label task states before DONE / ERROR / STOPPED
+
+
 def wait_task_done(status, timeout: float, interval: float = 1.0, what: str = "task") -> dict:
-    """Poll ``status()`` (a MONAI Label task status: train, scoring) until it is neither SUBMITTED nor
-    RUNNING; return that final status."""
-    return wait_for(lambda: (s := status()) and s.get("status") not in ("SUBMITTED", "RUNNING") and s,
+    """Poll ``status()`` (a MONAI Label task status: train, scoring) until it leaves ``TASK_ACTIVE``;
+    return that final status."""
+    return wait_for(lambda: (s := status()) and s.get("status") not in TASK_ACTIVE and s,
                     timeout=timeout, interval=interval, what=what)
 
 
 def task_idle(url: str, task: str) -> bool:
-    """A MONAI Label task (``train``, ``scoring``) is idle: never started (404) or neither SUBMITTED nor
-    RUNNING."""
+    """A MONAI Label task (``train``, ``scoring``) is idle: never started (404) or not in ``TASK_ACTIVE``."""
     import requests
 
     r = requests.get(f"{url}/{task}/", timeout=60)
-    return r.status_code == 404 or r.json().get("status") not in ("SUBMITTED", "RUNNING")
+    return r.status_code == 404 or r.json().get("status") not in TASK_ACTIVE
 
 
 def slicer_params(info: dict, section: str, name: str) -> dict:

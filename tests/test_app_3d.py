@@ -11,7 +11,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import PHANTOMS, dump, make_studies, slicer_params, tiny_config, wait_task_done
+from conftest import PHANTOMS, TASK_ACTIVE, dump, make_studies, slicer_params, tiny_config, wait_task_done
 
 from monai_segdiff import data
 from monai_segdiff.config import load_checkpoint
@@ -72,7 +72,7 @@ def test_server_segments_volumes_with_a_3d_model(model_3d, start_server, tmp_pat
     # Train with what Slicer sends (shortened): the 3D model is fine-tuned, not replaced by a 2.5D one
     params = slicer_params(info, "train", "segdiff_train")
     params.update(max_epochs=1, iterations_per_epoch=3, train_batch_size=2)
-    assert client.train_start("segdiff_train", params)["status"] in ("SUBMITTED", "RUNNING")
+    assert client.train_start("segdiff_train", params)["status"] in TASK_ACTIVE
     done = wait_task_done(client.train_status, timeout=600, interval=2, what="training")
     stats = client.info()["train_stats"]["segdiff_train"]
     assert done["status"] == "DONE" and stats["init"] == "pretrained", dump(stats) + "\n" + server.tail()

@@ -17,7 +17,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-from conftest import APP, PHANTOMS, dump, make_studies, slicer_params, task_idle, wait_for, wait_task_done
+from conftest import (APP, PHANTOMS, TASK_ACTIVE, dump, make_studies, slicer_params, task_idle, wait_for,
+                      wait_task_done)
 
 from monai_segdiff.cache import LRUCache
 
@@ -229,7 +230,7 @@ def test_train_with_slicer_parameters_publishes_a_better_model(env):
     old_ts = os.stat(env["model"]).st_mtime
     t0 = time.time()
     status = c.train_start("segdiff_train", params)
-    assert status["status"] in ("SUBMITTED", "RUNNING")
+    assert status["status"] in TASK_ACTIVE
     # MONAI Label counts started subprocesses, not submitted tasks: a second request in the first
     # milliseconds would be queued behind the first instead of refused, so wait until it runs.
     wait_for(lambda: c.train_status().get("status") != "SUBMITTED", timeout=60, interval=0.2, what="train start")
