@@ -15,15 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from .al_simulation import add_al_parser, cmd_al_simulate
-from .evaluation import add_evaluate_parser, cmd_evaluate
+from .evaluation import TTA_HELP, add_evaluate_parser, cmd_evaluate
 
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "network": "medsegdiff", "epochs": None, "max_minutes": None, "batch_size": 16, "lr": 1e-3, "val_split": 0.2,
+    "network": "medsegdiff", "epochs": None, "max_minutes": None, "batch_size": 16, "lr": 1e-3, "lr_schedule": "constant",
+    "val_split": 0.2,
     "spatial_dims": 2, "context": 1, "channels": None, "spacing": None, "roi_size": None,
     "prediction_type": "sample", "steps": 4, "samples": 5, "intensity": None, "seed": 0,
     "init": None, "resume": None, "iterations_per_epoch": None, "device": "cpu", "use_raters": None,
     "anchor": None, "boundary_loss": None, "extra": None,
-    "studies": None, "output": None, "postprocess": None, "quiet": False, "tensorboard": None, "augment": None,
+    "studies": None, "output": None, "postprocess": None, "tta_flips": None, "quiet": False, "tensorboard": None, "augment": None,
 }
 # never taken over from the run that --resume continues (its other options are, unless given again)
 RESUME_OWN = ("studies", "output", "resume", "init", "quiet")
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-minutes", type=float)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
+    t.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                   help="constant (the default) or cosine: the rate falls to 1%% of --lr by the end of the run "
+                   "(--epochs or --max-minutes)")
     t.add_argument("--val-split", type=float, help="share of labelled cases held out for validation")
     t.add_argument("--spatial-dims", type=int, choices=[2, 3])
     t.add_argument("--context", type=int, help="neighbouring slices per side (2.5D)")
@@ -91,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", help="checkpoint to fine-tune from")
     t.add_argument("--postprocess", type=_postprocess,
                    help="default clean-up of the model's masks: median,confident_component,largest_component,fill_holes")
+    t.add_argument("--tta-flips", type=int, help=TTA_HELP + "; stored in the model (default 1)")
     t.add_argument("--augment", type=_augment,
                    help="training augmentations: flip,intensity,noise (the default: all) or 'none'")
     t.add_argument("--resume", help="checkpoint to continue exactly from its <checkpoint>.state (weights, EMA, "
@@ -118,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--postprocess", type=_postprocess,
                    help="clean-up of the fused mask: median,confident_component,largest_component,fill_holes or none "
                    "(default: the model's)")
+    i.add_argument("--tta-flips", type=int, help=TTA_HELP + " (default: the model's)")
     i.add_argument("--device", default="cpu")
     i.add_argument("--quiet", action="store_true")
     b = sub.add_parser("bench", help="performance comparisons (JSON with ratios, printed as a table)")
@@ -255,6 +261,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = cfg.replace(augment=o["augment"])
     if o["postprocess"] is not None:  # with --init too: the clean-up is an inference default
         cfg = cfg.replace(postprocess=o["postprocess"])
+    if o["tta_flips"] is not None:  # an inference default, as the clean-up
+        cfg = cfg.replace(tta_flips=o["tta_flips"])
     if not o["quiet"]:
         print(f"training {cfg.network} on {len(train_items)} cases (validation {len(val_items)}), "
               f"labels {cfg.labels}, spacing {cfg.spacing}", file=sys.stderr)
@@ -262,8 +270,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(
             cfg, train_items, val_items, output=o["output"], epochs=o["epochs"], max_minutes=o["max_minutes"],
-            batch_size=o["batch_size"], lr=o["lr"], iterations_per_epoch=o["iterations_per_epoch"],
-            init_state=init_state, seed=o["seed"], device=o["device"], progress=not o["quiet"],
+            batch_size=o["batch_size"], lr=o["lr"], lr_schedule=o["lr_schedule"],
+            iterations_per_epoch=o["iterations_per_epoch"], init_state=init_state, seed=o["seed"], device=o["device"], progress=not o["quiet"],
             resume=o["resume"], use_raters=o["use_raters"], save_state=True, options=o, callback=writer,
         )
     finally:
@@ -306,6 +314,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     seg = Segmenter.from_checkpoint(
         args.model, num_samples=args.samples, steps=args.steps, seed=args.seed, method=args.method,
         device=args.device, progress=not args.quiet, uncertainty=args.uncertainty, postprocess=args.postprocess,
+        tta_flips=args.tta_flips,
     )
     image = args.image[0] if len(args.image) == 1 else args.image  # several files: one per channel
     pred = seg(image)

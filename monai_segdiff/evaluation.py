@@ -354,6 +354,7 @@ class Evaluator:
             "network": self.cfg.network,
             "labels": names,
             "samples": getattr(self.segmenter, "num_samples", None),
+            "tta_flips": getattr(self.segmenter, "tta_flips", None),
             "steps": getattr(getattr(self.segmenter, "sampler", None), "num_evaluations", None),
             "uncertainty": getattr(self.segmenter, "uncertainty_kind", self.cfg.uncertainty),
             "fusion": self.cfg.fusion,
@@ -488,6 +489,7 @@ def evaluate_checkpoint(
     progress: bool = False,
     pictures: bool = True,
     postprocess: str | list[str] | None = None,
+    tta_flips: int | None = None,
 ) -> dict:
     """``segdiff evaluate`` as a function: load the checkpoint, evaluate the labelled studies, write
     ``report.json``, ``report.html`` and the pictures to ``report_dir``. ``postprocess`` None: the
@@ -496,13 +498,16 @@ def evaluate_checkpoint(
     from .segmenter import Segmenter
 
     seg = Segmenter.from_checkpoint(model, num_samples=samples, steps=steps, seed=seed, device=device,
-                                    uncertainty=uncertainty, postprocess=postprocess)
+                                    uncertainty=uncertainty, postprocess=postprocess, tta_flips=tta_flips)
     items = select_items(data.datalist(studies), subset, val_split, split_seed, cases, max_cases)
     meta = {"model": str(model), "studies": str(studies), "subset": subset, "seed": seed}
     return evaluate(seg, items, report_dir, progress=progress, meta=meta, pictures=pictures)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+TTA_HELP = "test-time mirror views averaged into each ensemble member: 1 none, up to 4 in 2D, 8 in 3D"
+
+
 def add_evaluate_parser(sub) -> argparse.ArgumentParser:
     """Add ``segdiff evaluate`` to the ``segdiff`` sub-parsers."""
     e = sub.add_parser("evaluate", help="Dice/HD95, uncertainty AUROC/ECE, GED/CI of a model on labelled studies")
@@ -520,6 +525,7 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--postprocess",
                    help="clean-up of the fused mask instead of the model's stored one, e.g. "
                    "median,confident_component,fill_holes, or none")
+    e.add_argument("--tta-flips", type=int, help=TTA_HELP + " (default: the model's)")
     e.add_argument("--cases", help="comma-separated case ids to evaluate")
     e.add_argument("--max-cases", type=int)
     e.add_argument("--no-pictures", action="store_true")
@@ -534,7 +540,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=args.device, uncertainty=args.uncertainty, subset=args.subset, val_split=args.val_split,
         split_seed=args.split_seed, cases=[c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None,
         max_cases=args.max_cases, progress=not args.quiet, pictures=not args.no_pictures,
-        postprocess=args.postprocess,
+        postprocess=args.postprocess, tta_flips=args.tta_flips,
     )
     if not args.quiet:
         print(summary_text(report))

@@ -24,6 +24,7 @@ from .diffusion.sampler import build_sampler
 from .networks import build_network
 from .postprocess import PostProcess
 from .transforms import InputError, apply, binary_255_as_01, destination_slabs, preprocess_transforms
+from .tta import flip_views, with_flips
 from .validation import read_files
 
 ImageFiles = str | Path | Sequence[str | Path]  # one file, or one file per channel
@@ -88,6 +89,7 @@ class Segmenter:
         threshold: uncertainty above which a voxel counts as uncertain in the statistics.
         postprocess: clean-up of the fused mask, e.g. ``"largest_component,fill_holes"`` or a list
             (default from the config; ``"none"`` or ``[]`` turns the config's off).
+        tta_flips: test-time mirror views per member (default from the config; 1: none).
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class Segmenter:
         uncertainty: str | None = None,
         threshold: float = 0.5,
         postprocess: str | list[str] | None = None,
+        tta_flips: int | None = None,
     ) -> None:
         self.cfg, self.device = cfg, torch.device(device)
         self.net = net.to(self.device).eval()
@@ -117,8 +120,10 @@ class Segmenter:
             cfg.postprocess if postprocess is None else postprocess, cfg.num_classes,
             on_probabilities=cfg.fusion == "mean",
         )
+        self.tta_flips = cfg.tta_flips if tta_flips is None else int(tta_flips)
+        views = flip_views(cfg.spatial_dims, self.tta_flips)
         self.inferer = SegDiffInferer(
-            self._members,
+            with_flips(self._members, views),
             num_samples=self.num_samples,
             num_classes=cfg.num_classes,
             spatial_dims=cfg.spatial_dims,
@@ -179,6 +184,7 @@ class Segmenter:
             "uncertainty": self.uncertainty_kind,
             "postprocess": list(self.postprocess.ops),
             "samples": self.num_samples,
+            "tta_flips": self.tta_flips,
             "steps": getattr(self.sampler, "num_evaluations", 1),
             "network": self.cfg.network,
             "timings": {"preprocess_s": t1 - t0, "ensemble_s": t2 - t1, "postprocess_s": t3 - t2, "total_s": t3 - t0},

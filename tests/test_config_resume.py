@@ -4,6 +4,7 @@ compared weight for weight (one thread, fixed seed: bit-identical runs)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,39 @@ def test_init_keeps_the_model_but_takes_new_augment_and_postprocess(studies, tmp
     assert cfg.network == "concat" and cfg.channels == tiny_config().channels  # the model, not --network
     assert cfg.postprocess == ["median", "fill_holes"] and cfg.augment == ["noise"]
     assert not same_weights(state, load_checkpoint(base)[0])  # it was trained
+
+
+def test_cosine_schedule_decays_to_the_floor_and_resume_finishes_it(one_thread, tmp_path):
+    """``lr_schedule='cosine'``: the rate falls from ``lr`` to 1 % of it by the last step; a run stopped
+    half-way and resumed for the same number of epochs again ends at the floor, not restarted."""
+    items = data.labelled(data.datalist(PHANTOMS))
+    kw = dict(iterations_per_epoch=2, batch_size=4, seed=2, save_state=True, lr=2e-3)
+    seen: list[float] = []
+    const = train(tiny_config(), items[:2], output=tmp_path / "c.pt", epochs=2, **kw,
+                  callback=lambda s: seen.append(s["lr"]))
+    assert seen == [2e-3, 2e-3] and const.steps == 4
+    seen.clear()
+    train(tiny_config(), items[:2], output=tmp_path / "cos.pt", epochs=4, lr_schedule="cosine", **kw,
+          callback=lambda s: seen.append(s["lr"]))
+    # after 2, 4, 6, 8 of 8 steps: half a cosine from 2e-3 down to 2e-5
+    expected = [2e-5 + (2e-3 - 2e-5) * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3, 4)]
+    assert seen == pytest.approx(expected, rel=1e-6)
+    state = load_checkpoint(training_state_path(tmp_path / "cos.pt"))[2]
+    assert state["lr_progress"] == 1.0
+    # a 4-epoch run cut off after epoch 2, resumed for the 2 epochs it had left: the same rates
+    class Cut(Exception):
+        pass
+
+    def cut(stats: dict) -> None:
+        if stats["epoch"] == 2:
+            raise Cut
+
+    with pytest.raises(Cut):
+        train(tiny_config(), items[:2], output=tmp_path / "cut.pt", epochs=4, lr_schedule="cosine", **kw, callback=cut)
+    assert load_checkpoint(training_state_path(tmp_path / "cut.pt"))[2]["lr_progress"] == 0.5
+    seen.clear()
+    train(tiny_config(), items[:2], output=tmp_path / "cut.pt", epochs=2, lr_schedule="cosine", resume=tmp_path / "cut.pt",
+          **kw, callback=lambda s: seen.append(s["lr"]))
+    assert seen == pytest.approx(expected[2:], rel=1e-6)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train(tiny_config(), items[:2], epochs=1, lr_schedule="step", **kw)

@@ -107,6 +107,7 @@ class SegDiffModel:
         cache_size: predictions kept for reuse (segmentation then uncertainty on the same image).
         fallback_labels: label names to advertise while there is no model (e.g. from ``labels.json``).
         postprocess: clean-up of the fused mask (None: the checkpoint's ``postprocess``).
+        tta_flips: test-time mirror views per ensemble member (None: the checkpoint's ``tta_flips``).
     """
 
     def __init__(
@@ -121,12 +122,13 @@ class SegDiffModel:
         cache_size: int = 4,
         fallback_labels: list[str] | tuple[str, ...] = (),
         postprocess: list[str] | None = None,
+        tta_flips: int | None = None,
     ) -> None:
         self.path = os.path.abspath(os.path.expanduser(path))
         self.samples, self.steps, self.device = samples, steps, device
         self.threshold, self.uncertainty, self.seed = float(threshold), uncertainty, int(seed)
         self.fallback_labels = list(fallback_labels)
-        self.postprocess = postprocess
+        self.postprocess, self.tta_flips = postprocess, tta_flips
         self.predictions: LRUCache[CachedPrediction] = LRUCache(cache_size)
         self._segmenters: LRUCache[Segmenter] = LRUCache(2)
         self._lock = threading.Lock()
@@ -177,7 +179,10 @@ class SegDiffModel:
         return {}
 
     # -- inference ------------------------------------------------------------------------------
-    def segmenter(self, samples: int | None = None, steps: int | None = None, device: str | None = None):
+    def segmenter(
+        self, samples: int | None = None, steps: int | None = None, device: str | None = None,
+        tta_flips: int | None = None,
+    ):
         """``(Segmenter, file signature)`` for the current file version; old versions are dropped."""
         sig = self.signature()
         with self._lock:
@@ -190,13 +195,15 @@ class SegDiffModel:
         samples = samples or self.samples
         steps = steps or self.steps
         device = device or self.device
-        key = (sig, samples, steps, device)
+        tta_flips = tta_flips or self.tta_flips
+        key = (sig, samples, steps, device, tta_flips)
 
         def load() -> Segmenter:
             try:
                 return Segmenter.from_checkpoint(
                     self.path, num_samples=samples, steps=steps, seed=self.seed, device=device,
                     uncertainty=self.uncertainty, threshold=self.threshold, postprocess=self.postprocess,
+                    tta_flips=tta_flips,
                 )
             except FileNotFoundError:
                 raise self._missing() from None
@@ -222,7 +229,7 @@ class SegDiffModel:
             image_sig = file_signature(image)
         except (FileNotFoundError, TypeError, ValueError):
             raise ImageNotFoundError(f"image not found: {image!r}") from None
-        key = (image_sig, sig, seg.num_samples, steps or self.steps, device or self.device)
+        key = (image_sig, sig, seg.num_samples, steps or self.steps, device or self.device, seg.tta_flips)
 
         def compute() -> CachedPrediction:
             try:

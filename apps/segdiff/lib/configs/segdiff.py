@@ -20,6 +20,7 @@ max_epochs                  10                                 default epochs of
 max_minutes                 30                                 default time budget of a training run (0: none)
 reserve_minutes             60                                 how long a picked image stays with its annotator
 postprocess                 "" (the model's)                   median,confident_component,largest_component,fill_holes | none
+tta_flips                   0 (the model's)                    mirror views per member of interactive infer (1: none; 2D <= 4, 3D <= 8)
 ==========================  =================================  ===========================================
 """
 
@@ -65,6 +66,7 @@ DEFAULTS: dict[str, str] = {
     "max_minutes": "30",
     "reserve_minutes": "60",
     "postprocess": "",
+    "tta_flips": "0",
 }
 
 
@@ -98,6 +100,9 @@ class SegDiffTaskConfig(TaskConfig):
         self.path = os.path.abspath(self.option("model_path") or os.path.join(model_dir, f"{name}.pt"))
         self.device = self.option("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.preload = truthy(self.option("preload"))
+        tta_flips = self.number("tta_flips", int)
+        if not 0 <= tta_flips <= 8:
+            raise ConfError(f"--conf tta_flips must be 0 (the model's) or 1..8, got {tta_flips}")
         self.model = SegDiffModel(
             self.path,
             samples=self.number("samples", int) or None,
@@ -109,6 +114,7 @@ class SegDiffTaskConfig(TaskConfig):
             cache_size=self.number("cache_size", int),
             fallback_labels=declared_labels(self.studies),
             postprocess=self.postprocess_option(),
+            tta_flips=tta_flips or None,
         )
         if not 0.0 < self.model.threshold < 1.0:
             raise ConfError(f"--conf uncertainty_threshold must be in (0, 1), got {self.model.threshold}")

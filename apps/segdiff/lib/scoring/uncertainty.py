@@ -30,7 +30,7 @@ class UncertaintyScoring(ScoringMethod):
     Args:
         model: the served model file.
         samples: ensemble size for scoring (smaller than for interactive infer: ranking needs less).
-        steps: sampling steps for scoring.
+        steps: sampling steps for scoring (one view: no test-time flips, whatever the model stores).
         max_rounds: rescoring rounds when the model file changes while scoring runs.
 
     Request options: ``samples``, ``steps``, ``device``, ``force`` (rescore every unlabeled image).
@@ -66,7 +66,7 @@ class UncertaintyScoring(ScoringMethod):
             todo = list(datastore.get_unlabeled_images()) if force and rounds == 1 else self.stale_images(datastore, ts)
             if not todo:
                 break
-            seg, _ = self.model.segmenter(samples, steps, device)
+            seg, _ = self.model.segmenter(samples, steps, device, tta_flips=1)  # no mirror views: ranking needs less
             logger.info(f"segdiff_uncertainty: scoring {len(todo)} image(s) with {samples} samples x {steps} steps")
             changed = False
             for image_id in todo:
