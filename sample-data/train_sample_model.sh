@@ -9,7 +9,9 @@
 #          clean-up a one-organ, one-lesion task wants (median, largest component, fill holes).
 # Stage 3: fine-tune it for 45 minutes on 1200 phantoms: those 600, 300 more (seed 2028) and 300 rich
 #          in hard cases (seed 2030, each hard kind with probability 0.25 instead of 0.12). Its stored
-#          clean-up keeps each label's most confident region instead of its largest (session 10).
+#          clean-up keeps each label's most confident region instead of its largest (session 10), and
+#          each ensemble member averages two test-time views, the image and its left-right mirror
+#          (session 11).
 # Each stage keeps its best validation epoch (5 % of the cases held out). Time-limited runs are not
 # bit-reproducible: a rebuilt model matches the shipped one's quality (BENCHMARKS.md), not its bytes.
 set -euo pipefail
@@ -50,5 +52,5 @@ join "$work/abcd" a b c d
 segdiff train --studies "$work/ab" --output "$work/stage2.pt" --init "$work/stage1.pt" --seed 1 --max-minutes 35 \
   --iterations-per-epoch 200 --val-split 0.05 --postprocess median,largest_component,fill_holes --quiet
 segdiff train --studies "$work/abcd" --output "$out" --init "$work/stage2.pt" --seed 1 --max-minutes 45 \
-  --iterations-per-epoch 200 --val-split 0.05 --postprocess median,confident_component,fill_holes --quiet
+  --iterations-per-epoch 200 --val-split 0.05 --postprocess median,confident_component,fill_holes --tta-flips 2 --quiet
 echo "wrote $out (work files in $work)"

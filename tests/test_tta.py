@@ -4,10 +4,11 @@ config, the `Segmenter`, `segdiff infer` and `segdiff evaluate`."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
-from conftest import PHANTOMS, tiny_config
+from conftest import APP, PHANTOMS
 
 from monai_segdiff.cli import main
 from monai_segdiff.config import SegDiffConfig, load_checkpoint, save_checkpoint
@@ -89,3 +90,22 @@ def _dice(label: torch.Tensor, reference) -> float:
 
     ref = torch.as_tensor(np.asarray(nib.load(reference).dataobj)).long()
     return dice_per_label(label[0].long(), ref, 3)[0]
+
+
+def test_app_conf_tta_flips(tiny_model, tmp_path, one_thread):
+    """`--conf tta_flips`: interactive infer's views (0: the model's); scoring always asks for one."""
+    sys.path.insert(0, str(APP))
+    try:
+        from lib.configs.segdiff import ConfError, SegDiffTaskConfig
+    finally:
+        sys.path.remove(str(APP))
+    app = SegDiffTaskConfig()
+    app.init("segdiff", str(tmp_path), {"model_path": str(tiny_model), "tta_flips": "4"}, None)
+    pred, _ = app.model.predict(str(PHANTOMS / "phantom_000.nii.gz"), samples=2, steps=2)
+    assert pred.stats["tta_flips"] == 4
+    assert app.model.segmenter(2, 2, tta_flips=1)[0].tta_flips == 1
+    default = SegDiffTaskConfig()
+    default.init("segdiff", str(tmp_path), {"model_path": str(tiny_model)}, None)
+    assert default.model.segmenter(2, 2)[0].tta_flips == 1  # the checkpoint's
+    with pytest.raises(ConfError, match="--conf tta_flips must be 0 .* or 1..8, got 9"):
+        SegDiffTaskConfig().init("segdiff", str(tmp_path), {"tta_flips": "9"}, None)
