@@ -139,7 +139,7 @@ def p4_scoring(model: str, cfg: SegDiffConfig, items: list[dict], samples: int, 
     """Unlabelled volumes scored per minute (the app's scoring settings) vs one training epoch."""
     from .training import train
 
-    seg = Segmenter.from_checkpoint(model, num_samples=samples, steps=steps)
+    seg = Segmenter.from_checkpoint(model, num_samples=samples, steps=steps, tta_flips=1)  # as the app scores
     t0 = time.perf_counter()
     for it in items:
         seg(it["image"])
