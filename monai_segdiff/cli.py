@@ -18,13 +18,14 @@ from .al_simulation import add_al_parser, cmd_al_simulate
 from .evaluation import TTA_HELP, add_evaluate_parser, cmd_evaluate
 
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "network": "medsegdiff", "epochs": None, "max_minutes": None, "batch_size": 16, "lr": 1e-3, "lr_schedule": "constant",
-    "val_split": 0.2,
+    "network": "medsegdiff", "epochs": None, "max_minutes": None, "batch_size": 16, "lr": 1e-3,
+    "lr_schedule": "constant", "val_split": 0.2,
     "spatial_dims": 2, "context": 1, "channels": None, "spacing": None, "roi_size": None,
     "prediction_type": "sample", "steps": 4, "samples": 5, "intensity": None, "seed": 0,
     "init": None, "resume": None, "iterations_per_epoch": None, "device": "cpu", "use_raters": None,
     "anchor": None, "boundary_loss": None, "extra": None,
-    "studies": None, "output": None, "postprocess": None, "tta_flips": None, "quiet": False, "tensorboard": None, "augment": None,
+    "studies": None, "output": None, "postprocess": None, "tta_flips": None, "quiet": False, "tensorboard": None,
+    "augment": None,
 }
 # never taken over from the run that --resume continues (its other options are, unless given again)
 RESUME_OWN = ("studies", "output", "resume", "init", "quiet")
@@ -271,7 +272,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(
             cfg, train_items, val_items, output=o["output"], epochs=o["epochs"], max_minutes=o["max_minutes"],
             batch_size=o["batch_size"], lr=o["lr"], lr_schedule=o["lr_schedule"],
-            iterations_per_epoch=o["iterations_per_epoch"], init_state=init_state, seed=o["seed"], device=o["device"], progress=not o["quiet"],
+            iterations_per_epoch=o["iterations_per_epoch"], init_state=init_state, seed=o["seed"],
+            device=o["device"], progress=not o["quiet"],
             resume=o["resume"], use_raters=o["use_raters"], save_state=True, options=o, callback=writer,
         )
     finally:

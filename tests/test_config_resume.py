@@ -205,8 +205,8 @@ def test_cosine_schedule_decays_to_the_floor_and_resume_finishes_it(one_thread, 
         train(tiny_config(), items[:2], output=tmp_path / "cut.pt", epochs=4, lr_schedule="cosine", **kw, callback=cut)
     assert load_checkpoint(training_state_path(tmp_path / "cut.pt"))[2]["lr_progress"] == 0.5
     seen.clear()
-    train(tiny_config(), items[:2], output=tmp_path / "cut.pt", epochs=2, lr_schedule="cosine", resume=tmp_path / "cut.pt",
-          **kw, callback=lambda s: seen.append(s["lr"]))
+    train(tiny_config(), items[:2], output=tmp_path / "cut.pt", epochs=2, lr_schedule="cosine",
+          resume=tmp_path / "cut.pt", **kw, callback=lambda s: seen.append(s["lr"]))
     assert seen == pytest.approx(expected[2:], rel=1e-6)
     with pytest.raises(ValueError, match="lr_schedule"):
         train(tiny_config(), items[:2], epochs=1, lr_schedule="step", **kw)

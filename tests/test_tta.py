@@ -43,7 +43,8 @@ def test_views_are_mirrored_back_and_averaged_member_by_member():
     ramp, ramp_anchor = ramp_members(None, batch, 5, None)
     assert p.shape == ramp.shape and anchor.shape == ramp_anchor.shape
     # the network saw the batch mirrored along H; its answer is mirrored back before averaging
-    assert torch.allclose(p, (ramp + ramp.flip(-2)) / 2) and torch.allclose(anchor, (ramp_anchor + ramp_anchor.flip(-2)) / 2)
+    assert torch.allclose(p, (ramp + ramp.flip(-2)) / 2)
+    assert torch.allclose(anchor, (ramp_anchor + ramp_anchor.flip(-2)) / 2)
     p4, _ = with_flips(ramp_members, flip_views(2, 4))(None, batch, 5, None)
     assert torch.allclose(p4, (ramp + ramp.flip(-2) + ramp.flip(-1) + ramp.flip(-2, -1)) / 4)
     # an answer that does not depend on position (mirror-symmetric) is unchanged

@@ -20,7 +20,7 @@ max_epochs                  10                                 default epochs of
 max_minutes                 30                                 default time budget of a training run (0: none)
 reserve_minutes             60                                 how long a picked image stays with its annotator
 postprocess                 "" (the model's)                   median,confident_component,largest_component,fill_holes | none
-tta_flips                   0 (the model's)                    mirror views per member of interactive infer (1: none; 2D <= 4, 3D <= 8)
+tta_flips                   0 (the model's)                    test-time mirror views per member of interactive infer (1..8)
 ==========================  =================================  ===========================================
 """
 
