@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -187,6 +188,25 @@ def test_uncertainty_model_reuses_the_ensemble(env):
     os.unlink(again)
     assert out["cached"] is False and out2["cached"] is True
     assert out2["uncertain_voxels"] == out["uncertain_voxels"]
+
+
+def test_default_client_on_this_machine_keeps_its_result(env):
+    """A `MONAILabelClient` with its default temp folder, on the server's machine: it saves the result
+    under the server's file name in the same folder, where the server deletes the file it sent. The app
+    writes its results into a folder of its own, so the client's copy survives."""
+    from monailabel.client import MONAILabelClient
+
+    c = MONAILabelClient(env["url"], client_id="default-tmpdir")
+    image = env.get("a", env["unlabeled"][0])
+    result, out = c.infer("segdiff", image, {})
+    try:
+        assert os.path.dirname(result) == tempfile.gettempdir()
+        time.sleep(2)  # the server removes its file in a background task after the response
+        assert os.path.isfile(result), "the client's copy of the result was deleted"
+        assert_on_image_grid(result, env, image)
+    finally:
+        if os.path.exists(result):
+            os.unlink(result)
 
 
 def test_submit_label_maps_segments_by_name(env):

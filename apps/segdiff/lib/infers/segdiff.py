@@ -11,6 +11,8 @@ MONAI 1.6.1's ``Spacingd`` never sees the string ``image_path`` (see DESIGN.md).
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -129,6 +131,19 @@ class SegDiffInfer(BasicInferTask):
         )
 
     # -- MONAI Label hooks ----------------------------------------------------------------------
+    def writer(self, data: dict[str, Any], extension=None, dtype=None):
+        """MONAI Label's writer, with the result moved out of the shared temp folder: the server deletes
+        the file it sent, and a ``MONAILabelClient`` on this machine saves its copy under the same name in
+        that same folder by default, so the copy could vanish (seen with the default client)."""
+        output_file, result = super().writer(data, extension=extension, dtype=dtype)
+        if isinstance(output_file, str) and os.path.isfile(output_file):
+            folder = os.path.join(tempfile.gettempdir(), f"segdiff-results-{os.getpid()}")
+            os.makedirs(folder, exist_ok=True)
+            moved = os.path.join(folder, os.path.basename(output_file))
+            os.replace(output_file, moved)
+            output_file = moved
+        return output_file, result
+
     def is_valid(self) -> bool:
         # Always listed: without a model file an infer answers 404 "train one first" instead of the
         # model silently missing from Slicer's list.
