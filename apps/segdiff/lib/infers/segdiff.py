@@ -137,7 +137,8 @@ class SegDiffInfer(BasicInferTask):
         that same folder by default, so the copy could vanish (seen with the default client)."""
         output_file, result = super().writer(data, extension=extension, dtype=dtype)
         if isinstance(output_file, str) and os.path.isfile(output_file):
-            folder = os.path.join(tempfile.gettempdir(), f"segdiff-results-{os.getpid()}")
+            user = os.getuid() if hasattr(os, "getuid") else "user"  # one folder per user, never removed
+            folder = os.path.join(tempfile.gettempdir(), f"segdiff-results-{user}")
             os.makedirs(folder, exist_ok=True)
             moved = os.path.join(folder, os.path.basename(output_file))
             os.replace(output_file, moved)
