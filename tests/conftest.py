@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -18,6 +19,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 PHANTOMS = REPO / "sample-data" / "phantoms"
 APP = REPO / "apps" / "segdiff"
+
+
+def app_module(name: str):
+    """Import ``name`` (e.g. ``lib.configs.segdiff``) from the app, as MONAI Label does: with the app's
+    folder on ``sys.path`` only while importing."""
+    sys.path.insert(0, str(APP))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(APP))
 
 
 def pytest_configure(config):

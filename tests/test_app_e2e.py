@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,8 +17,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-from conftest import (APP, PHANTOMS, TASK_ACTIVE, dump, make_studies, slicer_params, task_idle, wait_for,
-                      wait_task_done)
+from conftest import (PHANTOMS, TASK_ACTIVE, app_module, dump, make_studies, slicer_params, task_idle,
+                      wait_for, wait_task_done)
 
 from monai_segdiff.cache import LRUCache
 
@@ -364,11 +363,7 @@ def test_lru_cache_single_flight_and_eviction():
 
 
 def test_strategy_reserves_per_client_and_falls_back_to_random():
-    sys.path.insert(0, str(APP))
-    try:
-        from lib.activelearning.uncertainty import UncertaintyStrategy
-    finally:
-        sys.path.remove(str(APP))
+    UncertaintyStrategy = app_module("lib.activelearning.uncertainty").UncertaintyStrategy
 
     class Store:
         def __init__(self, infos):

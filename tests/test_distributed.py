@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import APP, PHANTOMS, make_studies, tiny_config
+from conftest import PHANTOMS, app_module, make_studies, tiny_config
 from monai_segdiff import distributed
 
 WORLD = 2
@@ -119,11 +118,7 @@ def test_app_trainer_multi_gpu_runs_two_processes(tmp_path, monkeypatch):
     from monailabel.datastore.local import LocalDatastore
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    sys.path.insert(0, str(APP))
-    try:
-        from lib.trainers.segdiff import SegDiffTrain
-    finally:
-        sys.path.remove(str(APP))
+    SegDiffTrain = app_module("lib.trainers.segdiff").SegDiffTrain
     studies, _ = make_studies(tmp_path / "studies", unlabeled=24)  # 4 labelled: 3 train, 1 validation
     datastore = LocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
     model = tmp_path / "model" / "segdiff.pt"

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import APP, PHANTOMS
+from conftest import APP, PHANTOMS, app_module
 from scipy import ndimage
 
 from monai_segdiff.cli import main
@@ -192,11 +191,8 @@ def test_checkpoint_config_default_cli_and_app(tiny_model, raw, tmp_path, one_th
         main(["infer", "--model", str(model), "--image", str(IMAGE), "--output", str(tmp_path),
               "--postprocess", "blur"])
     # the app: --conf postprocess -> its model file -> the same Segmenter
-    sys.path.insert(0, str(APP))
-    try:
-        from lib.configs.segdiff import ConfError, SegDiffTaskConfig
-    finally:
-        sys.path.remove(str(APP))
+    configs = app_module("lib.configs.segdiff")
+    ConfError, SegDiffTaskConfig = configs.ConfError, configs.SegDiffTaskConfig
     app = SegDiffTaskConfig()
     app.init("segdiff", str(tmp_path), {"model_path": str(tiny_model), "postprocess": "largest_component"}, None)
     pred, _ = app.model.predict(str(IMAGE), samples=2, steps=2)

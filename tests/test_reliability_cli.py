@@ -20,16 +20,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import APP, PHANTOMS, wait_for
+from conftest import PHANTOMS, app_module, wait_for
 
 from monai_segdiff.cli import main
 from monai_segdiff.config import CheckpointError, load_checkpoint, save_checkpoint
 
-sys.path.insert(0, str(APP))
-try:
-    from lib.localstore import SegDiffLocalDatastore, copy_atomic, write_text_atomic
-finally:
-    sys.path.remove(str(APP))
+_localstore = app_module("lib.localstore")
+SegDiffLocalDatastore, copy_atomic, write_text_atomic = (
+    _localstore.SegDiffLocalDatastore, _localstore.copy_atomic, _localstore.write_text_atomic
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

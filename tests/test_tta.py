@@ -4,11 +4,10 @@ config, the `Segmenter`, `segdiff infer` and `segdiff evaluate`."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
-from conftest import APP, PHANTOMS
+from conftest import PHANTOMS, app_module
 
 from monai_segdiff.cli import main
 from monai_segdiff.config import SegDiffConfig, load_checkpoint, save_checkpoint
@@ -95,11 +94,8 @@ def _dice(label: torch.Tensor, reference) -> float:
 
 def test_app_conf_tta_flips(tiny_model, tmp_path, one_thread):
     """`--conf tta_flips`: interactive infer's views (0: the model's); scoring always asks for one."""
-    sys.path.insert(0, str(APP))
-    try:
-        from lib.configs.segdiff import ConfError, SegDiffTaskConfig
-    finally:
-        sys.path.remove(str(APP))
+    configs = app_module("lib.configs.segdiff")
+    ConfError, SegDiffTaskConfig = configs.ConfError, configs.SegDiffTaskConfig
     app = SegDiffTaskConfig()
     app.init("segdiff", str(tmp_path), {"model_path": str(tiny_model), "tta_flips": "4"}, None)
     pred, _ = app.model.predict(str(PHANTOMS / "phantom_000.nii.gz"), samples=2, steps=2)
