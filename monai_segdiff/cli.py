@@ -19,7 +19,7 @@ from .evaluation import TTA_HELP, add_evaluate_parser, cmd_evaluate
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "network": "medsegdiff", "epochs": None, "max_minutes": None, "batch_size": 16, "lr": 1e-3,
-    "lr_schedule": "constant", "val_split": 0.2,
+    "lr_schedule": "constant", "keep": "best", "val_split": 0.2,
     "spatial_dims": 2, "context": 1, "channels": None, "spacing": None, "roi_size": None,
     "prediction_type": "sample", "steps": 4, "samples": 5, "intensity": None, "seed": 0,
     "init": None, "resume": None, "iterations_per_epoch": None, "device": "cpu", "use_raters": None,
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-schedule", choices=["constant", "cosine"],
                    help="constant (the default) or cosine: the rate falls to 1%% of --lr by the end of the run "
                    "(--epochs or --max-minutes)")
+    t.add_argument("--keep", choices=["best", "last"],
+                   help="which epoch's weights --output gets: best (the default: best validation Dice) or last "
+                   "(e.g. the end of a cosine decay)")
     t.add_argument("--val-split", type=float, help="share of labelled cases held out for validation")
     t.add_argument("--spatial-dims", type=int, choices=[2, 3])
     t.add_argument("--context", type=int, help="neighbouring slices per side (2.5D)")
@@ -271,7 +274,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(
             cfg, train_items, val_items, output=o["output"], epochs=o["epochs"], max_minutes=o["max_minutes"],
-            batch_size=o["batch_size"], lr=o["lr"], lr_schedule=o["lr_schedule"],
+            batch_size=o["batch_size"], lr=o["lr"], lr_schedule=o["lr_schedule"], keep=o["keep"],
             iterations_per_epoch=o["iterations_per_epoch"], init_state=init_state, seed=o["seed"],
             device=o["device"], progress=not o["quiet"],
             resume=o["resume"], use_raters=o["use_raters"], save_state=True, options=o, callback=writer,

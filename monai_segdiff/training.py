@@ -297,6 +297,7 @@ def train(
     ema_decay: float = 0.995,
     warmup_steps: int | None = None,
     lr_schedule: str = "constant",
+    keep: str = "best",
     save_state: bool = False,
     options: dict | None = None,
 ) -> TrainResult:
@@ -314,6 +315,10 @@ def train(
     cosine to 1 % of ``lr`` at the end of the run, which ends at ``epochs`` or ``max_minutes``,
     whichever is nearer (a time-limited run follows the clock).
 
+    ``keep``: ``best`` writes the averaged weights of the epoch with the best validation Dice (or, without
+    validation cases, the lowest loss); ``last`` those of the last epoch, e.g. at the end of a cosine
+    decay (``best_dice`` / ``best_epoch`` then describe that epoch).
+
     ``save_state`` writes ``<output>.state`` after every epoch (``config.training_state_path``: raw and
     averaged weights, optimiser, scheduler, epoch, step, best score, random generators and the
     caller's plain-type ``options``); ``resume=<checkpoint>`` continues from it exactly, as if the run
@@ -323,6 +328,8 @@ def train(
         raise ValueError("give epochs or max_minutes")
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+    if keep not in KEEP:
+        raise ValueError(f"keep must be one of {', '.join(KEEP)}, got {keep!r}")
     if not train_items:
         raise InputError("no labelled case to train on")
     torch.manual_seed(seed)
@@ -455,6 +462,9 @@ def train(
             break
     if bar is not None:
         bar.close()
+    if keep == "last" and epoch > start_epoch:
+        result.best_dice, result.best_epoch = score, epoch
+        save(ema.module.state_dict(), epoch)
     result.epochs, result.steps, result.seconds = epoch - start_epoch, step, time.perf_counter() - t0
     if not val_cases:
         result.best_dice = float("nan")
@@ -472,6 +482,7 @@ def step_loss(
 
 
 LR_SCHEDULES = ("constant", "cosine")
+KEEP = ("best", "last")  # which epoch's weights train() writes to its output
 LR_FLOOR = 0.01  # the cosine schedule's last rate, as a share of the first
 
 

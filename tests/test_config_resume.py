@@ -210,3 +210,28 @@ def test_cosine_schedule_decays_to_the_floor_and_resume_finishes_it(one_thread, 
     assert seen == pytest.approx(expected[2:], rel=1e-6)
     with pytest.raises(ValueError, match="lr_schedule"):
         train(tiny_config(), items[:2], epochs=1, lr_schedule="step", **kw)
+
+
+def test_keep_last_writes_the_last_epoch_not_the_best(one_thread, tmp_path, monkeypatch):
+    """``keep='last'`` (``segdiff train --keep last``) writes the averaged weights of the last epoch, the
+    end of a cosine decay, where ``best`` writes those of the best validation epoch. The validation
+    scores are scripted (falling 0.9, 0.5, 0.1) so the two must differ; training and saving are real."""
+    import monai_segdiff.training as training
+
+    items = data.labelled(data.datalist(PHANTOMS))
+    kw = dict(iterations_per_epoch=2, batch_size=4, seed=2, save_state=True, lr=2e-3, epochs=3, val_samples=1)
+    runs = {}
+    for keep in ("best", "last"):
+        scores = iter([0.9, 0.5, 0.1])
+        monkeypatch.setattr(training, "validation_dice", lambda *a, **k: next(scores))
+        result = train(tiny_config(), items[:2], items[2:3], output=tmp_path / f"{keep}.pt", keep=keep, **kw)
+        runs[keep] = load_checkpoint(tmp_path / f"{keep}.pt"), result
+    (best_state, _, best_rest), best = runs["best"]
+    (last_state, _, last_rest), last = runs["last"]
+    assert (best.best_epoch, best_rest["epoch"], best_rest["best_dice"]) == (1, 1, 0.9)
+    assert (last.best_epoch, last_rest["epoch"], last_rest["best_dice"]) == (3, 3, 0.1)
+    ema = load_checkpoint(training_state_path(tmp_path / "last.pt"))[2]["ema"]  # averaged weights, epoch 3
+    assert same_weights(last_state, {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")})
+    assert not same_weights(best_state, last_state)
+    with pytest.raises(ValueError, match="keep must be one of best, last"):
+        train(tiny_config(), items[:2], epochs=1, keep="first", iterations_per_epoch=1)
