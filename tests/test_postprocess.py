@@ -219,20 +219,23 @@ def test_shipped_model_and_its_stored_clean_up(one_thread, tmp_path, capsys):
     assert stored.postprocess.ops == ["median", "confident_component", "fill_holes"] and stored.tta_flips == 2
     older = "median,largest_component,fill_holes"
 
-    def labels(case: str, segmenter: Segmenter) -> tuple[torch.Tensor, torch.Tensor]:
-        image, reference = PHANTOMS / f"{case}.nii.gz", PHANTOMS / "labels" / "final" / f"{case}.nii.gz"
-        return segmenter(image).label[0].long(), torch.as_tensor(np.asarray(nib.load(reference).dataobj)).long()
-
     older_segmenter = Segmenter.from_checkpoint(model, seed=0, postprocess=older)
+
+    def segment(case: str, segmenter: Segmenter) -> torch.Tensor:
+        return segmenter(PHANTOMS / f"{case}.nii.gz").label[0].long()
+
+    def reference(case: str) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(nib.load(PHANTOMS / "labels" / "final" / f"{case}.nii.gz").dataobj)).long()
+
     for case, at_least in (("phantom_009", 0.8), ("phantom_018", 0.7)):
-        label, ref = labels(case, stored)
-        organ, lesion = dice_per_label(label, ref, 3)
+        ref = reference(case)
+        organ, lesion = dice_per_label(segment(case, stored), ref, 3)
         assert organ > 0.9 and lesion > at_least, (case, organ, lesion)
-        _, lesion_older = dice_per_label(labels(case, older_segmenter)[0], ref, 3)
+        _, lesion_older = dice_per_label(segment(case, older_segmenter), ref, 3)
         assert lesion_older < lesion - 0.03, (case, lesion_older, lesion)
-    clean, ref = labels("phantom_010", stored)
+    clean, ref = segment("phantom_010", stored), reference("phantom_010")
     assert not (ref == 2).any() and not (clean == 2).any() and dice_per_label(clean, ref, 3)[0] > 0.9
-    assert (labels("phantom_010", older_segmenter)[0] == 2).sum() > 0  # the older clean-up's false lesion
+    assert (segment("phantom_010", older_segmenter) == 2).sum() > 0  # the older clean-up's false lesion
     assert main(["evaluate", "--model", str(model), "--studies", str(PHANTOMS), "--report", str(tmp_path),
                  "--cases", case, "--postprocess", older, "--no-pictures", "--quiet"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
