@@ -58,6 +58,17 @@ def _segment_values(segmentation: dict, label_names: Mapping[str, int] | None) -
     return [(n, i + 1) for i, n in enumerate(names)]
 
 
+def segment_names(path: str | Path) -> list[str]:
+    """The segment names of a ``.seg.nrrd`` file, in the file's order (header only, no voxels)."""
+    import slicerio
+
+    try:
+        segmentation = slicerio.read_segmentation(str(path), skip_voxels=True)
+    except Exception as e:  # pynrrd raises several types for a broken file
+        raise ValueError(f"cannot read Slicer segmentation {path}: {str(e).splitlines()[0][:200]}") from e
+    return list(dict.fromkeys(s["name"] for s in segmentation.get("segments", []) if s.get("name")))
+
+
 def read_seg_nrrd(path: str | Path, label_names: Mapping[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(label map [X, Y, Z] uint8/uint16, RAS affine 4x4)`` of a ``.seg.nrrd`` file.
 

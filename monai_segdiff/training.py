@@ -221,6 +221,50 @@ def fine_tune_mismatch(cfg: SegDiffConfig, items: Sequence[dict], labels: Sequen
     return None
 
 
+def check_labels(items: Sequence[dict], labels: Sequence[str]) -> list[bool]:
+    """Read every item's label before training: ``InputError`` if one holds values outside the label
+    set (0..K for the K ``labels``) or if none holds any foreground (a model trained on empty labels
+    learns to find nothing, and its validation would reward it). Returns per item: has foreground."""
+    from .segmenter import load_label
+
+    names = {"background": 0, **{n: i + 1 for i, n in enumerate(labels)}}
+    foreground = []
+    for item in items:
+        lab = load_label(item["label"], names)
+        values = [int(v) for v in torch.unique(lab.as_tensor())]
+        bad = [v for v in values if v < 0 or v > len(labels)]
+        if bad:
+            raise InputError(
+                f"the label of {item.get('id', item['label'])} holds values {bad[:10]} outside the label set "
+                f"{names}: fix the label or the studies' labels.json"
+            )
+        foreground.append(any(v > 0 for v in values))
+    if items and not any(foreground):
+        raise InputError(
+            f"all {len(items)} label(s) are empty (no foreground voxel of {', '.join(labels)}): nothing to learn; "
+            "draw the structures and submit the labels again"
+        )
+    return foreground
+
+
+def split_validation(items: Sequence[dict], foreground: Sequence[bool], val_fraction: float,
+                     seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Train / validation split (``data.split``) that validates only on labels with foreground; the
+    empty ones train as negatives. ``InputError`` when validation is asked for and fewer than two
+    labels have foreground (one to learn from, one to check the model on)."""
+    from .data import split
+
+    positive = [it for it, f in zip(items, foreground) if f]
+    negative = [it for it, f in zip(items, foreground) if not f]
+    if val_fraction > 0 and len(positive) < 2:
+        raise InputError(
+            f"{len(positive)} of {len(items)} label(s) hold foreground; training needs at least 2 (one to learn from, "
+            "one to check the model on before it is published)"
+        )
+    train_items, val_items = split(positive, val_fraction, seed=seed)
+    return train_items + negative, val_items
+
+
 def load_cases(
     items: Sequence[dict], cfg: SegDiffConfig, use_raters: bool = False, progress: bool = False
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -252,7 +296,8 @@ def load_cases(
 
 def validation_dice(net: nn.Module, cfg: SegDiffConfig, cases, num_samples: int = 2, steps: int | None = None) -> float:
     """Foreground Dice of the fused few-step ensemble on preprocessed cases, pooled over the cases
-    per label (global Dice: summed overlaps / summed sizes), then averaged over labels.
+    per label (global Dice: summed overlaps / summed sizes), then averaged over the labels present in
+    a reference or a prediction; NaN when no label is present anywhere (empty vs empty is no score).
 
     Pooling keeps model selection stable: with per-case Dice a few false-positive voxels of a small
     label in a case without it flip that case's score from 1 to 0 (seen as 0.65 -> 0.41 swings
@@ -271,8 +316,10 @@ def validation_dice(net: nn.Module, cfg: SegDiffConfig, cases, num_samples: int 
         for c in range(1, cfg.num_classes):
             overlap[c - 1] += float(((pred == c) & (ref == c)).sum())
             size[c - 1] += float((pred == c).sum() + (ref == c).sum())
-    dice = np.where(size > 0, 2 * overlap / np.maximum(size, 1), 1.0)  # absent everywhere: correct
-    return float(dice.mean())
+    present = size > 0  # a label absent from every reference and prediction is not scored: an empty
+    if not present.any():  # prediction of an empty reference is no evidence that the model works
+        return float("nan")
+    return float((2 * overlap[present] / size[present]).mean())
 
 
 def train(
@@ -353,6 +400,10 @@ def train(
         net.load_state_dict(init_state)
     train_cases = load_cases(train_items, cfg, use_raters=use_raters, progress=progress)
     val_cases = load_cases(val_items, cfg, progress=progress) if val_items and distributed.is_main() else []
+    if not any(bool(lab.any()) for _, lab in train_cases):
+        raise InputError("every training label is empty (no foreground voxel): nothing to learn")
+    if val_cases and not any(bool(lab[:1].any()) for _, lab in val_cases):
+        raise InputError("the validation labels are all empty: no foreground to score the model on")
     sampler = PatchSampler(train_cases, cfg, seed=seed + distributed.rank())  # DDP: other batches per rank
     objective = DiffusionObjective(cfg, weight_fn=_weight_fn(cfg)) if cfg.is_diffusion else None
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)

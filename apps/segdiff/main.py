@@ -24,7 +24,7 @@ from fastapi import HTTPException
 from lib.auth import answer_refused_logins, close_open_routes, fix_token_validation
 from lib.configs import SegDiffTaskConfig
 from lib.datastore import SegDiffDICOMWebDatastore
-from lib.labels import present_values, remap_label_file, seg_label_info, value_mapping
+from lib.labels import present_values, seg_label_info
 from lib.localstore import SegDiffLocalDatastore, check_tag
 from lib.model import SegDiffAppError
 from monailabel.config import settings
@@ -103,7 +103,6 @@ class SegDiffApp(MONAILabelApp):
             return super().init_datastore()
         return SegDiffLocalDatastore(
             self.studies,
-            label_names=self.task.model.label_names,
             image_channels=lambda: getattr(self.task.model.config(), "image_channels", None),
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
@@ -119,10 +118,13 @@ class SegDiffApp(MONAILabelApp):
     # -- behaviour on top of MONAILabelApp ------------------------------------------------------
     def info(self):
         meta = super().info()
-        # Slicer creates one segment per entry of "labels" and exports segments in that order:
-        # the model's foreground labels only (no "background", no "uncertain").
-        names = self.task.model.label_names()
-        meta["labels"] = [n for n, v in sorted(names.items(), key=lambda kv: kv[1]) if v > 0]
+        # Slicer creates one segment per entry of "labels" (foreground only: no "background", no
+        # "uncertain"); submitted labels are stored by segment name whatever the order.
+        # The studies' label set first (the annotator draws those), then what the model segments besides.
+        coverage = self.task.model.coverage()
+        wanted = coverage["label_set"]
+        meta["labels"] = wanted + [n for n in coverage["model_labels"] if n.lower() not in {w.lower() for w in wanted}]
+        meta["segdiff"] = coverage
         return meta
 
     def infer(self, request, datastore=None):
@@ -235,25 +237,15 @@ class SegDiffApp(MONAILabelApp):
         return super().async_scoring(method, params)
 
     def on_save_label(self, image_id: str, label_id: str):
-        """Make a submitted final label's values mean the model's labels (by segment name)."""
+        """The answer to Submit Label (3D Slicer shows it): what the datastore did with the label --
+        the label set, the value of each segment, names added or dropped, warnings (``lib/localstore.py``);
+        on DICOMweb the remapping to the model's labels done before the upload (``lib/datastore.py``)."""
         super().on_save_label(image_id, label_id)
-        ds = self.datastore()
-        info = ds.get_label_info(label_id, DefaultLabelTag.FINAL)
-        label_info = info.get("label_info") if isinstance(info, dict) else None
-        names = self.task.model.label_names()
-        if isinstance(info, dict) and "segdiff_remapped" in info:  # done before the upload (DICOMweb)
+        info = self.datastore().get_label_info(label_id, DefaultLabelTag.FINAL)
+        if not isinstance(info, dict):
+            return {}
+        if "segdiff" in info:
+            return info["segdiff"]
+        if "segdiff_remapped" in info:
             return {"remapped": info["segdiff_remapped"]}
-        if not label_info or not names:
-            return {}
-        path = ds.get_label_uri(label_id, DefaultLabelTag.FINAL)
-        try:
-            changes = remap_label_file(path, value_mapping(label_info, names))
-        except Exception as e:  # an unreadable label is the trainer's problem to report, not the save's
-            logger.warning(f"segdiff: could not check label values of {path}: {e}")
-            return {}
-        changes = {str(k): v for k, v in (changes or {}).items()}
-        ds.update_label_info(label_id, DefaultLabelTag.FINAL, {"segdiff_remapped": changes})
-        if changes:
-            logger.info(f"segdiff: {label_id}: label values remapped by segment name {changes}")
-        return {"remapped": changes}
-
+        return {}

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +99,8 @@ class SegDiffModel:
 
     Args:
         path: checkpoint file (may not exist yet: tasks then answer 404 until a model is trained).
+        fallback: the file served while ``path`` does not exist (e.g. the shipped sample model, when
+            ``path`` is the studies' own model that training will publish).
         samples: default ensemble size (None: the checkpoint's).
         steps: default sampling steps (None: the checkpoint's).
         device: default torch device.
@@ -123,8 +126,11 @@ class SegDiffModel:
         fallback_labels: list[str] | tuple[str, ...] = (),
         postprocess: list[str] | None = None,
         tta_flips: int | None = None,
+        fallback: str | None = None,
     ) -> None:
-        self.path = os.path.abspath(os.path.expanduser(path))
+        self.own_path = os.path.abspath(os.path.expanduser(path))
+        self.studies_labels: Callable[[], list[str]] = list  # the studies' label set (set by the app)
+        self.fallback = os.path.abspath(os.path.expanduser(fallback)) if fallback else None
         self.samples, self.steps, self.device = samples, steps, device
         self.threshold, self.uncertainty, self.seed = float(threshold), uncertainty, int(seed)
         self.fallback_labels = list(fallback_labels)
@@ -136,6 +142,13 @@ class SegDiffModel:
         self._current: tuple | None = None
 
     # -- the file -------------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        """The file served now: the own model once it exists, else the fallback (if any)."""
+        if self.fallback is None or os.path.isfile(self.own_path):
+            return self.own_path
+        return self.fallback
+
     def exists(self) -> bool:
         return os.path.isfile(self.path)
 
@@ -177,6 +190,30 @@ class SegDiffModel:
         if self.fallback_labels:
             return {"background": 0, **{n: i + 1 for i, n in enumerate(self.fallback_labels)}}
         return {}
+
+    def coverage(self) -> dict:
+        """What the served model can and cannot segment of the studies' label set (``studies_labels``),
+        in words for the annotator: ``/info`` and every infer answer carry it."""
+        model = [n for n, v in sorted(self.label_names().items(), key=lambda kv: kv[1]) if v > 0] if self.config() else []
+        wanted = list(self.studies_labels())
+        known = {n.lower() for n in model}
+        missing = [n for n in wanted if n.lower() not in known]
+        extra = [n for n in model if n.lower() not in {w.lower() for w in wanted}]
+        notes = []
+        if not model:
+            notes.append("no model yet: submit labels and train (segdiff_train)")
+        elif missing:
+            notes.append(f"no model for {', '.join(map(repr, missing))} yet: submit labels and train (segdiff_train)")
+        if model and wanted and extra:
+            notes.append(f"the model segments {', '.join(map(repr, extra))}, not in the studies' label set")
+        return {
+            "model": self.path,
+            "model_labels": model,
+            "label_set": wanted,
+            "can_segment": [n for n in model if not wanted or n.lower() in {w.lower() for w in wanted}],
+            "cannot_segment": missing,
+            "message": "; ".join(notes) or "the model segments every label of the studies' label set",
+        }
 
     # -- inference ------------------------------------------------------------------------------
     def segmenter(

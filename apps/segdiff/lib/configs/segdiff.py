@@ -4,7 +4,7 @@
 ==========================  =================================  ===========================================
 option                      default                            meaning
 ==========================  =================================  ===========================================
-model_path                  <app>/model/segdiff.pt             checkpoint served and published by training
+model_path                  "" (see below)                     a checkpoint of yours: served, and published by training
 samples                     0 (the model's)                    ensemble size of interactive infer
 steps                       0 (the model's)                    sampling steps of interactive infer
 device                      cuda if available, else cpu        torch device
@@ -22,10 +22,15 @@ reserve_minutes             60                                 how long a picked
 postprocess                 "" (the model's)                   median,confident_component,largest_component,fill_holes | none
 tta_flips                   0 (the model's)                    test-time mirror views per member of interactive infer (1..8)
 ==========================  =================================  ===========================================
+
+Without ``model_path`` (or with the shipped model's path) the app serves the studies' own model,
+``<studies>/.segdiff/model/segdiff.pt``, once training has published one, and the shipped sample model
+until then; training never writes the shipped model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,7 +44,9 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from monai_segdiff.config import NETWORKS, SegDiffConfig
+from monai_segdiff.labelset import LabelSet
 from monai_segdiff.postprocess import parse_postprocess
+from monai_segdiff.transforms import InputError
 
 from ..activelearning.uncertainty import UncertaintyStrategy
 from ..infers.segdiff import SegDiffInfer, SegDiffUncertaintyInfer, truthy
@@ -87,6 +94,15 @@ def declared_labels(studies: str | None) -> list[str]:
     return [k for k, v in sorted(mapping.items(), key=lambda kv: kv[1]) if v > 0]
 
 
+def studies_model_path(studies: str | None, name: str) -> str:
+    """Where training publishes the model of a studies folder: ``<studies>/.segdiff/model/<name>.pt``;
+    for a remote datastore (DICOMweb URL) a folder of its own under ``~/.cache/monai-segdiff/``."""
+    if studies and os.path.isdir(studies):
+        return os.path.abspath(os.path.join(studies, ".segdiff", "model", f"{name}.pt"))
+    key = hashlib.sha1(str(studies).encode()).hexdigest()[:12]
+    return os.path.join(os.path.expanduser("~"), ".cache", "monai-segdiff", key, f"{name}.pt")
+
+
 class SegDiffTaskConfig(TaskConfig):
     """Infer (``segdiff``, ``segdiff_uncertainty``), train (``segdiff_train``), scoring and strategy
     (``segdiff_uncertainty``) over one shared model file."""
@@ -97,7 +113,12 @@ class SegDiffTaskConfig(TaskConfig):
         if unknown:
             logger.warning(f"unknown --conf option(s) ignored: {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
         self.studies = kwargs.get("studies")
-        self.path = os.path.abspath(self.option("model_path") or os.path.join(model_dir, f"{name}.pt"))
+        self.shipped = os.path.abspath(os.path.join(model_dir, f"{name}.pt"))
+        given = os.path.abspath(self.option("model_path")) if self.option("model_path") else None
+        if given and given != self.shipped:  # the user's own model file: served, and published by training
+            self.path, self.base = given, None
+        else:  # the studies' own model, the shipped model until training publishes one: never overwritten
+            self.path, self.base = studies_model_path(self.studies, name), self.shipped
         self.device = self.option("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.preload = truthy(self.option("preload"))
         tta_flips = self.number("tta_flips", int)
@@ -115,7 +136,9 @@ class SegDiffTaskConfig(TaskConfig):
             fallback_labels=declared_labels(self.studies),
             postprocess=self.postprocess_option(),
             tta_flips=tta_flips or None,
+            fallback=self.base,
         )
+        self.model.studies_labels = self.label_set
         if not 0.0 < self.model.threshold < 1.0:
             raise ConfError(f"--conf uncertainty_threshold must be in (0, 1), got {self.model.threshold}")
         self.network = self.option("network") or SegDiffConfig().network
@@ -126,6 +149,16 @@ class SegDiffTaskConfig(TaskConfig):
             f"segdiff: model {self.path} ({'found' if self.model.exists() else 'not found yet'}), "
             f"device {self.device}, labels {self.labels}"
         )
+
+    def label_set(self) -> list[str]:
+        """The studies' foreground label names by value (``labels.json``; none for a remote datastore)."""
+        if not self.studies or not os.path.isdir(self.studies):
+            return []
+        try:
+            return LabelSet.load(self.studies).foreground
+        except InputError as e:
+            logger.warning(f"studies label set: {e}")
+            return []
 
     def option(self, key: str) -> str:
         value = self.conf.get(key, DEFAULTS[key])
@@ -161,6 +194,7 @@ class SegDiffTaskConfig(TaskConfig):
         return SegDiffTrain(
             self.path,
             self.studies,
+            base_path=self.base,
             network=self.network,
             device=self.device,
             max_epochs=self.number("max_epochs", int),

@@ -201,6 +201,7 @@ class SegDiffInfer(BasicInferTask):
             "model_ts": pred.model_ts,
             "cached": cached,
             "timings": s.get("timings", {}),
+            "coverage": self.model.coverage(),
         }
 
 

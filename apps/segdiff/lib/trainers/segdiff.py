@@ -33,7 +33,15 @@ from monai_segdiff.io import copy_atomic, write_json
 from monai_segdiff.labelset import label_names as studies_label_names
 from monai_segdiff.networks import build_network
 from monai_segdiff.tracking import TensorBoardCallback, run_dir
-from monai_segdiff.training import fine_tune_mismatch, load_cases, new_config, train, validation_dice
+from monai_segdiff.training import (
+    check_labels,
+    fine_tune_mismatch,
+    load_cases,
+    new_config,
+    split_validation,
+    train,
+    validation_dice,
+)
 from monai_segdiff.transforms import InputError
 
 from ..infers.segdiff import devices, truthy
@@ -74,8 +82,10 @@ class SegDiffTrain(TrainTask):
     """Fine-tune (``pretrained``) or train from scratch on the datastore's final labels.
 
     Args:
-        model_path: the served checkpoint; the best model of the run is published here.
+        model_path: where the run publishes its model (the studies' own model file).
         studies: the studies folder (for ``labels.json``); may be a URL for remote datastores.
+        base_path: the model served while ``model_path`` does not exist yet (e.g. the shipped sample
+            model): fine-tuned from when it fits, never written.
         network: network for training from scratch.
         device: default device.
         max_epochs: default epochs shown to clients.
@@ -86,6 +96,7 @@ class SegDiffTrain(TrainTask):
         self,
         model_path: str,
         studies: str,
+        base_path: str | None = None,
         network: str = LIBRARY_DEFAULTS.network,
         device: str = "cpu",
         max_epochs: int = 10,
@@ -94,6 +105,7 @@ class SegDiffTrain(TrainTask):
     ):
         super().__init__(description)
         self.model_path = os.path.abspath(model_path)
+        self.base_path = os.path.abspath(base_path) if base_path else None
         self.studies = studies
         self.network = network
         self.device = device
@@ -157,12 +169,17 @@ class SegDiffTrain(TrainTask):
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(e)) from e
 
         items = [dict(d, id=sd_data.image_id(d["image"])) for d in datastore.datalist()]
-        if not items:
-            raise MONAILabelException(
-                MONAILabelError.INVALID_INPUT, "no labelled image to train on: submit a final label first"
-            )
-        cfg, init_state, init = self.initial_model(items, truthy(req.get("pretrained")), str(req.get("network")))
-        train_items, val_items = sd_data.split(items, val_split if len(items) > 1 else 0.0, seed=0)
+        try:
+            if not items:
+                raise InputError("no labelled image to train on: submit a final label first")
+            labels = self.label_names(items)
+            foreground = check_labels(items, labels)
+            train_items, val_items = split_validation(items, foreground, val_split if len(items) > 1 else 0.0, seed=0)
+            cfg, init_state, init = self.initial_model(items, truthy(req.get("pretrained")), str(req.get("network")), labels)
+        except InputError as e:  # the run cannot be honest: ERROR with the reason, shown by /info
+            self._write({"status": "ERROR", "error": str(e), "start_ts": int(start), "epoch": 0, "published": False,
+                         "best_metric": None, "total_time": _hms(time.time() - start)})
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(e)) from e
         baseline = self.baseline(cfg, init_state, val_items, device) if init_state is not None else None
         candidate = os.path.join(os.path.dirname(self.model_path), f".{os.path.basename(self.model_path)}.candidate")
         base = {
@@ -200,7 +217,9 @@ class SegDiffTrain(TrainTask):
             if saved is not None and saved != last_saved[0]:  # the library saved a new best checkpoint
                 last_saved[0] = saved
                 base["best_metric_epoch"] = s["epoch"]
-                if baseline is None or s["best_dice"] > baseline:
+                if s["best_dice"] > (baseline if baseline is not None else 0.0):  # better on foreground
+                    if not base["published"]:
+                        self.keep_replaced(init)
                     copy_atomic(candidate, self.model_path, keep_suffix=False)  # readers: old or new file
                     base["published"] = True
                     logger.info(f"epoch {s['epoch']}: published {self.model_path} (val_dice {best:.4f})")
@@ -246,7 +265,9 @@ class SegDiffTrain(TrainTask):
                 f"not published: best validation Dice {final['best_metric']:.4f} of this run did not beat the "
                 f"current model's {baseline:.4f} on the same validation cases"
                 if baseline is not None
-                else "not published: no epoch produced a usable validation score"
+                else "not published: no epoch found any of the labels on the validation cases (Dice 0)"
+                if val_items
+                else "not published: no validation case to check the model on (val_split 0)"
             )
             logger.warning(final["note"])
         self._write(final)
@@ -264,28 +285,50 @@ class SegDiffTrain(TrainTask):
         logger.info(f"current model: validation Dice {dice:.4f} on {len(val_items)} case(s)")
         return dice if math.isfinite(dice) else None
 
-    def initial_model(self, items: list[dict], pretrained: bool, network: str) -> tuple[SegDiffConfig, dict | None, str]:
-        """``(config, initial weights or None, "pretrained" | "scratch")``."""
-        studies = Path(self.studies) if self.studies and os.path.isdir(self.studies) else None
-        declared = None
-        if studies is not None and (studies / "labels.json").is_file():
-            declared = studies_label_names(studies)
-        if pretrained and os.path.isfile(self.model_path):
+    def label_names(self, items: list[dict]) -> list[str]:
+        """The studies' foreground label names by value: ``labels.json`` (the label set the app keeps),
+        else ``label1..labelK`` up to the largest stored value (a folder labelled before the set existed)."""
+        studies = self.studies if self.studies and os.path.isdir(self.studies) else os.devnull
+        return studies_label_names(studies, items)
+
+    def source_model(self) -> str:
+        """The model a run fine-tunes: the one published for these studies, else the base model served
+        until then (e.g. the shipped sample model)."""
+        if os.path.isfile(self.model_path) or not self.base_path:
+            return self.model_path
+        return self.base_path
+
+    def initial_model(self, items: list[dict], pretrained: bool, network: str,
+                      labels: list[str]) -> tuple[SegDiffConfig, dict | None, str]:
+        """``(config, initial weights or None, "pretrained" | "scratch")``: fine-tune the served model
+        when it was made for the studies' labels (same names in the same order), images and spacing;
+        otherwise a new model for the studies' whole label set."""
+        source = self.source_model()
+        if pretrained and os.path.isfile(source):
             try:
-                state, cfg, _ = load_checkpoint(self.model_path)
+                state, cfg, _ = load_checkpoint(source)
             except CheckpointError as e:
                 logger.warning(f"cannot fine-tune ({e}); training from scratch")
             else:
-                reason = fine_tune_mismatch(cfg, items, declared)
+                reason = fine_tune_mismatch(cfg, items, labels)
                 if reason is None:
-                    logger.info(f"Fine-tuning {self.model_path} ({cfg.network}, labels {cfg.labels})")
+                    logger.info(f"Fine-tuning {source} ({cfg.network}, labels {cfg.labels})")
                     return cfg, state, "pretrained"
-                logger.warning(f"not fine-tuning {self.model_path}: {reason}; training a new model")
+                logger.warning(f"not fine-tuning {source}: {reason}; training a new model")
         if network not in NETWORKS:
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"unknown network {network!r}; use one of {NETWORKS}")
-        labels = declared or studies_label_names(studies or os.devnull, items)  # no labels.json: label1..K
+            raise InputError(f"unknown network {network!r}; use one of {', '.join(NETWORKS)}")
         logger.info(f"Training a new {network} model for labels {labels}")
         return scratch_config(items, labels, network), None, "scratch"
+
+    def keep_replaced(self, init: str) -> None:
+        """Before a new model (another label set) is first published over an existing file, keep that
+        file as ``<model dir>/replaced/<name>-<mtime>.pt``: a model someone used is never lost."""
+        if init != "scratch" or not os.path.isfile(self.model_path):
+            return
+        stem = Path(self.model_path).stem
+        kept = Path(self.model_path).parent / "replaced" / f"{stem}-{int(os.stat(self.model_path).st_mtime)}.pt"
+        copy_atomic(self.model_path, kept, keep_suffix=False)
+        logger.info(f"kept the replaced model as {kept}")
 
     def tracker(self, tracking: str) -> TensorBoardCallback | None:
         """TensorBoard event files (loss, validation Dice, learning rate per epoch) in a new run folder
