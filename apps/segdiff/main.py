@@ -37,6 +37,8 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.async_tasks.utils import tasks as background_tasks
 
 from monai_segdiff.config import NETWORKS
+from monai_segdiff.transforms import InputError
+from monai_segdiff.validation import check_image_file
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +205,24 @@ class SegDiffApp(MONAILabelApp):
             logger.warning(f"segdiff: could not read the result's label values: {e}")
             return
         label_info[:] = seg_label_info(values, params.get("label_names") or {}, label_info)
+
+    def sessions(self):
+        """MONAI Label's sessions (Slicer uploads a local volume as one), refusing an uploaded image that
+        inference could not read whole (e.g. a truncated NIfTI) with a 422 instead of storing it."""
+        sessions = super().sessions()
+        if sessions is not None and not getattr(sessions, "segdiff_checked", False):
+            add_session = sessions.add_session
+
+            def checked(image: str, expiry: int = 0, uncompress: bool = False):
+                if not uncompress and os.path.isfile(image):
+                    try:
+                        check_image_file(image, channels=None)
+                    except InputError as e:
+                        raise HTTPException(422, f"session image refused: {e}") from None
+                return add_session(image, expiry, uncompress)
+
+            sessions.add_session, sessions.segdiff_checked = checked, True
+        return sessions
 
     def on_init_complete(self):
         super().on_init_complete()
