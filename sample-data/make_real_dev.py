@@ -489,19 +489,26 @@ def label_map(root: Path, case: Case, image: sitk.Image) -> tuple[sitk.Image, li
 def crop_to_limit(
     image: sitk.Image, labels: sitk.Image, max_voxels: int
 ) -> tuple[sitk.Image, sitk.Image, str]:
-    """Crop both to the labels' bounding box plus ``CROP_MARGIN`` voxels if ``image`` has too many voxels."""
+    """If ``image`` has more than ``max_voxels`` voxels, crop both to the largest in-plane window (all
+    slices kept) centred on the labels that fits the budget and holds the labels plus ``CROP_MARGIN``:
+    as much field of view as possible, since a model trained on whole cross-sections fails on a scan
+    cropped tightly around its target (seen on this very case: Dice 0.67 at a 250 mm window, 0.005
+    at 160 mm)."""
     size = np.array(image.GetSize())
     if size.prod() <= max_voxels:
         return image, labels, ""
     index = np.argwhere(sitk.GetArrayViewFromImage(labels) > 0)[:, ::-1]  # (x, y, z)
-    lower = np.maximum(index.min(axis=0) - CROP_MARGIN, 0)
-    upper = np.minimum(index.max(axis=0) + 1 + CROP_MARGIN, size)
-    extent = upper - lower
+    needed = index.max(axis=0) + 1 - index.min(axis=0) + 2 * CROP_MARGIN
+    side = int(np.sqrt(max_voxels / size[2]))
+    extent = np.array([min(size[0], max(side, needed[0])), min(size[1], max(side, needed[1])), size[2]])
     if extent.prod() > max_voxels:
-        raise ValueError(f"labels span {tuple(extent)} voxels, more than --max-voxels {max_voxels}")
+        raise ValueError(f"labels need {tuple(int(e) for e in extent)} voxels, more than --max-voxels {max_voxels}")
+    centre = (index.min(axis=0) + index.max(axis=0)) // 2
+    lower = np.clip(centre - extent // 2, 0, size - extent)
+    lower[2] = 0
     extent_list, lower_list = [int(e) for e in extent], [int(lo) for lo in lower]
-    note = (f"cropped from {tuple(int(s) for s in size)} to {tuple(extent_list)} voxels around the labels "
-            f"(margin {CROP_MARGIN} voxels, no resampling)")
+    note = (f"cropped from {tuple(int(s) for s in size)} to {tuple(extent_list)} voxels, the largest in-plane "
+            f"window centred on the labels within --max-voxels (no resampling)")
     return (sitk.RegionOfInterest(image, extent_list, lower_list),
             sitk.RegionOfInterest(labels, extent_list, lower_list), note)
 

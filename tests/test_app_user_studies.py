@@ -1,0 +1,200 @@
+"""A new user's first day, end to end on a real server driven by ``MONAILabelClient`` as 3D Slicer drives
+it: their own folder of real CT scans (``sample-data/real-spine``), no ``labels.json``, a structure the
+shipped phantom model does not know (``Vertebrae``), the server started with the default options.
+
+Next Sample -> Auto Segmentation (honest names: the phantom model's, and a note that there is no model for
+the user's structure) -> Submit Label (kept whole under its own name; the label set persisted) -> Train
+with Slicer's defaults (refused while every label is empty; then a new model for the user's label set,
+published under the studies folder) -> Auto Segmentation finds the structure on an unlabelled scan ->
+restart keeps the label set; the shipped model file is byte-identical throughout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+from conftest import APP, REPO, dump, slicer_params, wait_for, wait_task_done
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
+
+REAL = REPO / "sample-data" / "real-spine"
+NAME = "Vertebrae"  # the annotator's segment name (the folder's own labels.json says "vertebrae")
+TRAIN_IDS = ("slicer_ctchest4", "ts_example_ct")  # labelled by the "annotator"
+TEST_ID = "ts_example_ct_dicom"  # never labelled: Auto Segmentation after training is checked on it
+SHIPPED = APP / "model" / "segdiff.pt"
+TIMINGS: dict[str, float] = {}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, start_server):
+    root = tmp_path_factory.mktemp("user")
+    studies = root / "studies"
+    studies.mkdir()
+    for image in REAL.glob("*.nii.gz"):  # images only: no labels, no labels.json
+        shutil.copy(image, studies / image.name)
+    shipped = sha256(SHIPPED)
+    t0 = time.time()
+    server = start_server(studies, {"max_minutes": "4"}, root / "server.log")
+    TIMINGS["server start until /info answers (s)"] = time.time() - t0
+    yield {"server": server, "url": server.url, "studies": studies, "root": root, "shipped": shipped,
+           "start_server": start_server}
+    print("\nuser's own task on real CT (real-spine, 2 cores):")
+    for k, v in TIMINGS.items():
+        print(f"  {k:<60} {v:8.2f}")
+    assert sha256(SHIPPED) == shipped, "training on a user's studies changed the shipped model"
+
+
+def client(env, client_id="annotator"):
+    from monailabel.client import MONAILabelClient
+
+    return MONAILabelClient(env["url"], tmpdir=str(env["root"]), client_id=client_id)
+
+
+def truth(case: str) -> np.ndarray:
+    return np.asarray(nib.load(str(REAL / "labels" / "final" / f"{case}.nii.gz")).dataobj).astype(np.uint8)
+
+
+def slicer_label(env, case: str, segments: dict[int, np.ndarray]) -> Path:
+    """A label file as 3D Slicer exports it: values 1..n on the image's grid."""
+    image = nib.load(str(REAL / f"{case}.nii.gz"))
+    out = np.zeros(image.shape, np.uint8)
+    for value, mask in segments.items():
+        out[mask] = value
+    path = env["root"] / f"{case}-{time.time_ns()}.nii.gz"
+    nib.save(nib.Nifti1Image(out, image.affine), str(path))
+    return path
+
+
+def stored_label(env, case: str) -> np.ndarray:
+    return np.asarray(nib.load(str(env["studies"] / "labels" / "final" / f"{case}.nii.gz")).dataobj)
+
+
+def test_info_says_what_the_shipped_model_can_segment(env):
+    info = client(env).info()
+    assert info["labels"] == ["organ", "lesion"]  # the model's: nothing of the user's yet
+    coverage = info["segdiff"]
+    assert coverage["model"] == str(SHIPPED) and coverage["label_set"] == [], dump(coverage)
+
+
+def test_auto_segmentation_names_segments_honestly(env):
+    c = client(env)
+    sample = c.next_sample("random", {})
+    assert sample["id"] in {p.name[: -len(".nii.gz")] for p in REAL.glob("*.nii.gz")}
+    t0 = time.time()
+    result, out = c.infer("segdiff", TEST_ID, slicer_params(c.info(), "infer", "segdiff"))
+    TIMINGS["Auto Segmentation, shipped model (s)"] = time.time() - t0
+    Path(result).unlink()
+    assert set(out["label_names"]) <= {"background", "organ", "lesion"}
+    assert out["coverage"]["can_segment"] == ["organ", "lesion"]
+
+
+def test_bad_uploads_are_refused_with_their_reason(env):
+    whole = (REAL / f"{TEST_ID}.nii.gz").read_bytes()
+    truncated = whole[: len(whole) // 2]
+    r = requests.put(f"{env['url']}/datastore/?image=broken", files={"file": ("broken.nii.gz", truncated)},
+                     data={"params": "{}"}, timeout=60)
+    assert r.status_code == 422 and "cannot read image" in r.text, r.text
+    r = requests.put(f"{env['url']}/session/", files={"files": ("broken.nii.gz", truncated)}, timeout=60)
+    assert r.status_code == 422 and "cannot read image" in r.text, r.text
+    # a label with a value that label_info does not name
+    extra = np.zeros(truth(TRAIN_IDS[0]).shape, bool)
+    extra[0, 0, 0] = True
+    path = slicer_label(env, TRAIN_IDS[0], {1: truth(TRAIN_IDS[0]) > 0, 2: extra})
+    with pytest.raises(Exception, match="each value 1..n must be named"):
+        client(env).save_label(TRAIN_IDS[0], str(path), params={"label_info": [{"name": NAME}]})
+    assert not (env["studies"] / "labels" / "final" / f"{TRAIN_IDS[0]}.nii.gz").exists()
+
+
+def test_training_on_empty_labels_is_refused_with_its_reason(env):
+    c = client(env)
+    for case in TRAIN_IDS:  # the annotator submits before drawing anything
+        res = c.save_label(case, str(slicer_label(env, case, {})), params={"label_info": [{"name": NAME}]})
+        assert any("empty" in w for w in res["warnings"]), dump(res)
+    c.train_start("segdiff_train", slicer_params(c.info(), "train", "segdiff_train"))
+    done = wait_task_done(c.train_status, timeout=300, interval=1, what="training")
+    stats = c.info()["train_stats"]["segdiff_train"]
+    assert done["status"] == "ERROR" and stats["status"] == "ERROR", dump(stats)
+    assert "empty" in stats["error"] and not stats["published"], dump(stats)
+    assert not (env["studies"] / ".segdiff" / "model" / "segdiff.pt").exists()
+
+
+def test_submitted_segments_keep_every_voxel_under_their_own_name(env):
+    c = client(env)
+    first, second = TRAIN_IDS
+    res = c.save_label(first, str(slicer_label(env, first, {1: truth(first) > 0})),
+                       params={"label_info": [{"name": NAME, "idx": 1}]})
+    assert res["segments"] == {NAME: 1} and res["label_set"] == {"background": 0, NAME: 1}, dump(res)
+    np.testing.assert_array_equal(stored_label(env, first), truth(first))
+    # the second annotator kept the "uncertain" segment and wrote the name in lower case
+    t = truth(second)
+    uncertain = np.zeros_like(t, bool)
+    uncertain[:3, :3, :3] = True
+    assert not t[uncertain].any()
+    upload = slicer_label(env, second, {1: uncertain, 2: t > 0})
+    res = c.save_label(second, str(upload), params={"label_info": [{"name": "uncertain"}, {"name": NAME.lower()}]})
+    assert res["segments"] == {NAME.lower(): 1} and res["dropped"] == ["uncertain"], dump(res)
+    assert res["remapped"] == {"1": 0, "2": 1} and any("uncertain" in w for w in res["warnings"])
+    np.testing.assert_array_equal(stored_label(env, second), t)
+    # the byte-exact upload is kept beside the stored label; the label set is persisted
+    kept = env["studies"] / res["upload_kept"]
+    assert kept.read_bytes() == upload.read_bytes()
+    assert json.loads((env["studies"] / "labels.json").read_text()) == {"background": 0, NAME: 1}
+    info = c.info()
+    assert info["labels"][0] == NAME
+    assert info["segdiff"]["cannot_segment"] == [NAME] and "no model for" in info["segdiff"]["message"]
+
+
+def test_train_with_slicer_defaults_makes_a_model_for_the_users_label(env):
+    c = client(env)
+    params = slicer_params(c.info(), "train", "segdiff_train")
+    t0 = time.time()
+    c.train_start("segdiff_train", params)
+    done = wait_task_done(c.train_status, timeout=900, interval=2, what="training")
+    TIMINGS["Train with Slicer's defaults, new model (s)"] = time.time() - t0
+    stats = c.info()["train_stats"]["segdiff_train"]
+    assert done["status"] == "DONE", dump(stats) + env["server"].tail()
+    assert stats["init"] == "scratch" and stats["labels"] == [NAME], dump(stats)
+    assert stats["published"] is True and 0.0 < stats["best_metric"] <= 1.0, dump(stats)
+    own = env["studies"] / ".segdiff" / "model" / "segdiff.pt"
+    assert own.is_file() and stats["model"] == str(own)
+    env["best_metric"] = stats["best_metric"]
+
+
+def test_auto_segmentation_then_finds_the_structure_on_an_unlabelled_scan(env):
+    c = client(env)
+    info = c.info()
+    assert info["labels"] == [NAME] and info["segdiff"]["cannot_segment"] == [], dump(info["segdiff"])
+    t0 = time.time()
+    result, out = c.infer("segdiff", TEST_ID, slicer_params(info, "infer", "segdiff"))
+    TIMINGS["Auto Segmentation, the user's model (s)"] = time.time() - t0
+    pred = np.asarray(nib.load(result).dataobj)
+    Path(result).unlink()
+    assert out["label_names"] == {"background": 0, NAME: 1}, dump(out)
+    ref = truth(TEST_ID) > 0
+    dice = 2 * float((pred == 1)[ref].sum()) / float((pred == 1).sum() + ref.sum())
+    chance = 2 * ref.mean() * (pred == 1).mean() / max(ref.mean() + (pred == 1).mean(), 1e-9)
+    TIMINGS["Dice on the unlabelled scan"] = dice
+    assert (pred == 1).any() and dice > 0.3 and dice > 3 * chance, f"Dice {dice:.3f}, chance {chance:.3f}"
+
+
+def test_a_restart_keeps_the_label_set_and_the_users_model(env):
+    env["server"].stop()
+    server = env["start_server"](env["studies"], {"max_minutes": "4"}, env["root"] / "server2.log")
+    env.update(server=server, url=server.url)
+    info = client(env).info()
+    assert info["labels"] == [NAME]
+    assert info["segdiff"]["model"] == str(env["studies"] / ".segdiff" / "model" / "segdiff.pt")
+    assert info["train_stats"]["segdiff_train"]["best_metric"] == pytest.approx(env["best_metric"])
+    assert json.loads((env["studies"] / "labels.json").read_text()) == {"background": 0, NAME: 1}
