@@ -185,7 +185,7 @@ def extend_label_set(studies: str | Path, segment_names: Sequence[str] | None,
 def remap_values(array: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
     """``array`` (whole non-negative values) with each value ``k`` replaced by ``mapping[k]`` (values
     not in ``mapping`` kept), as uint8 (uint16 above 255), in one table look-up."""
-    top = int(max(int(array.max(initial=0)), *mapping.keys(), *mapping.values()))
+    top = int(max([int(np.max(array, initial=0)), *mapping.keys(), *mapping.values()]))
     table = np.arange(top + 1, dtype=np.int64)
     for old, new in mapping.items():
         table[int(old)] = int(new)

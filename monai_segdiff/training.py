@@ -10,7 +10,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -310,14 +310,21 @@ def validation_dice(net: nn.Module, cfg: SegDiffConfig, cases, num_samples: int 
         roi_size=cfg.roi_size if cfg.spatial_dims == 3 else None, seed=0, anchor_share=cfg.anchor_share,
     )
     net.eval()
-    overlap, size = np.zeros(cfg.num_classes - 1), np.zeros(cfg.num_classes - 1)
-    for img, labels in cases:
-        pred, ref = inferer(img, net).probs.argmax(0), labels[0].long()
-        for c in range(1, cfg.num_classes):
+    return pooled_dice(((inferer(img, net).probs.argmax(0), labels[0].long()) for img, labels in cases), cfg.num_classes)
+
+
+def pooled_dice(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> float:
+    """Dice of ``(prediction, reference)`` label maps pooled per foreground label (summed overlaps /
+    summed sizes), averaged over the labels present in a reference or a prediction; NaN when none is:
+    an empty prediction of an empty reference is no evidence that a model works, never a score of 1
+    (MONAI's ``DiceMetric`` scores per image, where pooling is what keeps selection stable here)."""
+    overlap, size = np.zeros(num_classes - 1), np.zeros(num_classes - 1)
+    for pred, ref in pairs:
+        for c in range(1, num_classes):
             overlap[c - 1] += float(((pred == c) & (ref == c)).sum())
             size[c - 1] += float((pred == c).sum() + (ref == c).sum())
-    present = size > 0  # a label absent from every reference and prediction is not scored: an empty
-    if not present.any():  # prediction of an empty reference is no evidence that the model works
+    present = size > 0
+    if not present.any():
         return float("nan")
     return float((2 * overlap[present] / size[present]).mean())
 

@@ -44,6 +44,7 @@ def test_remap_values_keeps_unmapped_values_and_widens_when_needed():
     arr = np.array([[0, 1], [2, 3]], np.uint8)
     np.testing.assert_array_equal(remap_values(arr, {1: 3, 3: 1}), [[0, 3], [2, 1]])
     assert remap_values(arr, {1: 300}).dtype == np.uint16
+    np.testing.assert_array_equal(remap_values(0 * arr, {}), 0 * arr)
 
 
 def test_write_label_keeps_every_foreground_voxel_and_the_grid(tmp_path):

@@ -359,16 +359,21 @@ def test_corrupted_checkpoint_and_other_label_set(srv, tiny_model):
         info = requests.get(f"{srv['url']}/info/", timeout=60).json()
         assert info["labels"] == ["organ", "lesion"]  # from labels.json while the model is unusable
 
-        # a model for another label set is served with its own labels; labels are checked against them
+        # a model for another label set is served with its own labels and says what it cannot segment;
+        # labels are checked against the studies' label set (labels.json), not the model's
         cfg = tiny_config(labels=["liver"])
         other = save_checkpoint(srv["files"] / "liver.pt", build_network(cfg).state_dict(), cfg)
         put_model(srv, other)
         r = infer(srv, image=image)
         assert r.status_code == 200 and r.json()["label_names"] == {"background": 0, "liver": 1}, r.text
-        assert requests.get(f"{srv['url']}/info/", timeout=60).json()["labels"] == ["liver"]
+        assert r.json()["coverage"]["cannot_segment"] == ["organ", "lesion"], r.text
+        info = requests.get(f"{srv['url']}/info/", timeout=60).json()
+        assert info["labels"] == ["organ", "lesion", "liver"] and "no model for 'organ'" in info["segdiff"]["message"]
         name = "phantom_002"
-        r = put_label(srv, name, save_nifti(srv, "l12.nii.gz", truth(name), phantom(name).affine))
-        assert_4xx(r, 422, "outside the label set (0..1)")
+        outside = truth(name).copy()
+        outside[0, 0, 0] = 3
+        r = put_label(srv, name, save_nifti(srv, "l12.nii.gz", outside, phantom(name).affine))
+        assert_4xx(r, 422, "[3]", "outside the label set")
     finally:
         put_model(srv, tiny_model)
     r = infer(srv, image=image)

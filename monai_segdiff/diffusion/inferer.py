@@ -50,6 +50,25 @@ def pad_to_multiple(x: torch.Tensor, divisor: int, spatial_dims: int, value: flo
     return F.pad(x, pads, value=value), tuple(crop)
 
 
+def class_argmax(x: torch.Tensor, dim: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """``x.argmax(dim)`` for a short class axis (first maximum on ties, as ``torch.argmax``), as ``dtype``.
+
+    A running comparison over the K classes: ``torch.argmax`` over a non-innermost axis of a volume is a
+    strided reduction, about 1 s for 3 x 261 x 261 x 180 on this CPU; this takes a tenth of that.
+    NaN is never the maximum here (probabilities have none)."""
+    k = x.shape[dim]
+    if k > 16 or k < 2:
+        return x.argmax(dim).to(dtype)
+    best = x.select(dim, 0)
+    index = torch.zeros(best.shape, dtype=dtype)
+    for c in range(1, k):
+        value = x.select(dim, c)
+        better = value > best
+        best = torch.maximum(best, value)
+        index.masked_fill_(better, c)
+    return index
+
+
 def _entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
     return -(p * p.clamp_min(1e-12).log()).sum(dim)
 
@@ -147,7 +166,7 @@ class SegDiffInferer(Inferer):
             anchor = None if anchor is None else anchor[..., crop[0], crop[1]]
             fused, ent = _fuse(p, anchor, self.anchor_share, 1)
             probs[..., z0:z1] = fused.permute(1, 2, 3, 0)
-            samples[..., z0:z1] = p.argmax(2).to(torch.uint8).permute(0, 2, 3, 1)
+            samples[..., z0:z1] = class_argmax(p, 2, torch.uint8).permute(0, 2, 3, 1)
             exp_ent[..., z0:z1] = ent.permute(1, 2, 0)
         return EnsembleOutput(probs, samples, exp_ent)
 
@@ -171,4 +190,4 @@ class SegDiffInferer(Inferer):
         out = out / out.sum(1, keepdim=True).clamp_min(1e-8)
         member_probs, anchor = out[:n], (out[n] if len(out) > n else None)
         fused, ent = _fuse(member_probs, anchor, self.anchor_share, 0)
-        return EnsembleOutput(fused, member_probs.argmax(1).to(torch.uint8), ent)
+        return EnsembleOutput(fused, class_argmax(member_probs, 1, torch.uint8), ent)

@@ -182,11 +182,12 @@ class SegDiffLocalDatastore(LocalDatastore):
                 found = check_label_file(label_filename, image)
         except InputError as e:
             raise _status(e) from None
-        if found is not None and names is not None and max(found["values"], default=0) > len(names):
+        unnamed = [v for v in (found or {}).get("values", []) if names is not None and v > len(names)]
+        if unnamed:
             raise HTTPException(
                 422,
-                f"the label holds values {found['values']} but label_info names {len(names)} segment(s) "
-                f"({', '.join(names) or 'none'}): each value 1..n must be named",
+                f"label values {unnamed} are not named by label_info ({len(names)} segment(s): "
+                f"{', '.join(names) or 'none'}): each value 1..n must be named",
             )
         if names is None and found is not None:
             self._check_values_in_set(found["values"])
@@ -241,7 +242,7 @@ class SegDiffLocalDatastore(LocalDatastore):
         if unknown:
             raise HTTPException(
                 422,
-                f"label values {unknown} are not in the studies' label set {labels.to_dict()}; send label_info "
+                f"label values {unknown} are outside the label set {labels.to_dict()}; send label_info "
                 "naming each segment (3D Slicer does) to add labels",
             )
 

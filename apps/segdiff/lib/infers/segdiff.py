@@ -6,6 +6,9 @@ Both answer from the same cached ensemble when they are asked about the same ima
 settings, so running the uncertainty model after Auto Segmentation costs no second sampling run.
 The image is loaded by the library's `Segmenter`, never by MONAI transforms on the request dict, so
 MONAI 1.6.1's ``Spacingd`` never sees the string ``image_path`` (see DESIGN.md).
+
+While an infer computes, it holds the served model's `BusyMarker` (`busy_marker`): the scoring
+subprocess waits between images until no infer runs, so an Auto Segmentation keeps the CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import device_list, file_ext
 
+from monai_segdiff.busy import BusyMarker
 from monai_segdiff.io import is_picture
 
 from ..model import CachedPrediction, ImageNotFoundError, SegDiffAppError, SegDiffModel, plain
@@ -76,6 +80,12 @@ def truthy(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return bool(value)
+
+
+def busy_marker(model: SegDiffModel) -> BusyMarker:
+    """The marker interactive infers of ``model`` hold and its scoring waits on: keyed by the model's own
+    path, which the server and its scoring subprocess compute alike from the same ``--conf``."""
+    return BusyMarker(model.own_path)
 
 
 def devices(first: str) -> list[str]:
@@ -169,7 +179,8 @@ class SegDiffInfer(BasicInferTask):
         if not isinstance(image, str) or not image:
             raise ImageNotFoundError("this model needs an image file (a datastore image id or an uploaded file)")
         samples, steps = self.check_options(data)
-        pred, cached = self.model.predict(image, samples=samples, steps=steps, device=check_device(device))
+        with busy_marker(self.model).hold():  # background scoring pauses between images meanwhile
+            pred, cached = self.model.predict(image, samples=samples, steps=steps, device=check_device(device))
         data.setdefault("result_extension", result_extension(image))
         data["result"] = plain(self.result_json(pred, cached))
         out, affine = self.output(pred, data), pred.affine

@@ -2,6 +2,11 @@
 stale, writing ``segdiff_uncertainty`` (the library's case score) and ``segdiff_uncertainty_ts`` (the
 model file's mtime) into the image info. MONAI Label runs it in a subprocess at start-up, after
 training and on ``POST /scoring/segdiff_uncertainty``; the active-learning strategy reads the scores.
+
+Interactive requests come first: the scoring subprocess runs at the lowest CPU priority (nice 19)
+on one torch thread, and before each image waits while an infer of the same model holds its
+`BusyMarker` (``infers.segdiff.busy_marker``), so scoring never slows an Auto Segmentation by more
+than a few per cent (BENCHMARKS.md, session 13).
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
+from monai_segdiff.busy import lower_priority
 from monai_segdiff.transforms import InputError
 
-from ..infers.segdiff import truthy
+from ..infers.segdiff import busy_marker, truthy
 from ..model import SegDiffModel, plain
 
 logger = logging.getLogger(__name__)
@@ -32,13 +38,20 @@ class UncertaintyScoring(ScoringMethod):
         samples: ensemble size for scoring (smaller than for interactive infer: ranking needs less).
         steps: sampling steps for scoring (one view: no test-time flips, whatever the model stores).
         max_rounds: rescoring rounds when the model file changes while scoring runs.
+        background: yield to interactive infers: lower this process's priority (nice 19, one torch
+            thread; MONAI Label runs scoring in a subprocess of its own) and wait between images while
+            an infer runs. False: run at full speed (e.g. scoring called inside a server process).
 
     Request options: ``samples``, ``steps``, ``device``, ``force`` (rescore every unlabeled image).
     """
 
-    def __init__(self, model: SegDiffModel, samples: int = 3, steps: int = 2, max_rounds: int = 3):
+    def __init__(
+        self, model: SegDiffModel, samples: int = 3, steps: int = 2, max_rounds: int = 3, background: bool = True
+    ):
         super().__init__(f"Case uncertainty of unlabeled images ({samples} samples x {steps} steps)")
         self.model, self.samples, self.steps, self.max_rounds = model, int(samples), int(steps), int(max_rounds)
+        self.background = bool(background)
+        self._lowered: dict | None = None
 
     def info(self) -> dict[str, Any]:
         return {"description": self.description, "keys": [SCORE_KEY, TS_KEY]}
@@ -57,7 +70,11 @@ class UncertaintyScoring(ScoringMethod):
         device = request.get("device") or None
         device = device[0] if isinstance(device, list) else device
         force = truthy(request.get("force"))
-        scored, failed, rounds = {}, {}, 0
+        if self.background and self._lowered is None:  # once per process: it cannot be undone
+            self._lowered = lower_priority()
+            logger.info(f"segdiff_uncertainty: background priority {self._lowered}")
+        marker = busy_marker(self.model)
+        scored, failed, rounds, waited = {}, {}, 0, 0.0
         for rounds in range(1, self.max_rounds + 1):
             ts = self.model.ts()
             if ts is None:
@@ -70,6 +87,11 @@ class UncertaintyScoring(ScoringMethod):
             logger.info(f"segdiff_uncertainty: scoring {len(todo)} image(s) with {samples} samples x {steps} steps")
             changed = False
             for image_id in todo:
+                if self.background:  # an Auto Segmentation is running: let it have the CPU
+                    pause = marker.wait_until_idle()
+                    if pause:
+                        waited += pause
+                        logger.info(f"segdiff_uncertainty: waited {pause:.1f}s for interactive infer")
                 if self.model.ts() != ts:  # a new model was published: score again with it
                     changed = True
                     break
@@ -96,6 +118,7 @@ class UncertaintyScoring(ScoringMethod):
                 "rounds": rounds,
                 "model_ts": self.model.ts(),
                 "seconds": round(time.time() - start, 2),
+                "waited_for_infer_seconds": round(waited, 2),
                 "scores": scored,
             }
         )

@@ -1,12 +1,17 @@
 """Train task ``segdiff_train``: the library's diffusion training on the datastore's final labels.
 
-MONAI Label runs it in a background subprocess (``/train`` answers 429 while one runs). The run's best
-checkpoint by validation Dice of few-step samples is copied atomically over the served model file
-whenever it improves -- when fine-tuning, only once it beats the current model's Dice on the same
-validation cases, so a short or unlucky run never replaces a better model. The infer tasks pick the
-new file up (they reload on mtime change) and the scoring method recomputes stale scores afterwards. Progress and results go to ``train_stats.json`` next to the
-model file, which ``stats()`` returns for ``/info`` (the keys 3D Slicer reads: ``epoch``,
-``total_epochs``, ``best_metric``, ``total_time`` once finished).
+MONAI Label runs it in a background subprocess (``/train`` answers 429 while one runs). The labels are
+checked first (``training.check_labels``): every value in the studies' label set, some foreground, at
+least two labels with foreground so one can validate; otherwise the run ends in ERROR with the reason
+in ``/info``. The served model is fine-tuned when it was made for the studies' label set, images and
+spacing, else a new model is trained for the whole set. The run's best checkpoint by validation Dice
+(labels present in a reference or a prediction only) is copied atomically to the studies' own model
+file whenever it improves on the served model's Dice on the same validation cases (a new model: on 0),
+so a short or unlucky run never replaces a better model and an empty model is never published; the
+shipped sample model is never written. The infer tasks pick the new file up (they reload on mtime
+change) and the scoring method recomputes stale scores afterwards. Progress and results go to
+``train_stats.json`` next to the model file, which ``stats()`` returns for ``/info`` (the keys 3D Slicer
+reads: ``epoch``, ``total_epochs``, ``best_metric``, ``total_time`` once finished).
 """
 
 from __future__ import annotations
