@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .diffusion.inferer import class_argmax
+
 __all__ = [
     "FUSION_METHODS",
     "UNCERTAINTY_KINDS",
@@ -134,7 +136,7 @@ def fuse(
     if method == "mean":
         if probs is None:
             raise ValueError("fusion method 'mean' needs probs")
-        return probs.argmax(dim=0).long()
+        return class_argmax(probs, 0)  # = probs.argmax(0), without torch's slow strided reduction
     if samples is None:
         raise ValueError(f"fusion method {method!r} needs samples")
     k = _num_classes(probs, samples, num_classes)

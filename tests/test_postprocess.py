@@ -87,6 +87,19 @@ def test_fill_holes_fills_a_ring_and_keeps_what_is_inside():
     assert torch.equal(PostProcess("fill_holes", num_classes=2).clean(open_ring), open_ring)
 
 
+def test_median_equals_monai_median_smooth():
+    """The scipy median filter gives MONAI ``MedianSmooth``'s values (replicated borders), 2D and 3D."""
+    from monai.transforms import MedianSmooth
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((3, 17, 13), (3, 11, 9, 7)):
+        probs = torch.softmax(torch.randn(shape, generator=g) * 3, 0)
+        probs[:, :4] = probs[:, :1].clone()  # ties
+        expected = torch.stack([MedianSmooth(radius=1)(p[None])[0] for p in probs])
+        got = torch.stack([PostProcess("median", 3)._median(p) for p in probs])
+        assert torch.equal(got, expected)
+
+
 def test_median_removes_salt_noise_from_the_probability_map():
     clean, noisy = disc_probabilities()
     truth = clean.argmax(0)
