@@ -25,10 +25,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "init": None, "resume": None, "iterations_per_epoch": None, "device": "cpu", "use_raters": None,
     "anchor": None, "boundary_loss": None, "extra": None,
     "studies": None, "output": None, "postprocess": None, "tta_flips": None, "quiet": False, "tensorboard": None,
-    "augment": None,
+    "augment": None, "update": None,
 }
 # never taken over from the run that --resume continues (its other options are, unless given again)
-RESUME_OWN = ("studies", "output", "resume", "init", "quiet")
+RESUME_OWN = ("studies", "output", "resume", "init", "update", "quiet")
 
 
 def _ints(text: str) -> list[int]:
@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--boundary-loss", action="store_true", default=None,
                    help="DermoSegDiff boundary-aware loss weights (on by default for dermosegdiff)")
     t.add_argument("--init", help="checkpoint to fine-tune from")
+    t.add_argument("--update", metavar="MODEL",
+                   help="retrain MODEL as the app's Train does: fine-tune it when it fits the studies' labels, "
+                        "images and spacing, else a new model for the studies' label set; write --output only "
+                        "when its validation Dice beats MODEL's on the same cases")
     t.add_argument("--postprocess", type=_postprocess,
                    help="default clean-up of the model's masks: median,confident_component,largest_component,fill_holes")
     t.add_argument("--tta-flips", type=int, help=TTA_HELP + "; stored in the model (default 1)")
@@ -245,6 +249,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     items = data.labelled(data.datalist(o["studies"]))
     if not items:
         raise CLIError(f"no labelled image in {o['studies']} (labels go to labels/final/ with the image's name)")
+    if o["update"]:
+        return _train_update(o, items)
     train_items, val_items = data.split(items, o["val_split"] if len(items) > 1 else 0.0, seed=o["seed"])
     init_state = None
     if o["resume"]:
@@ -283,6 +289,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         if writer is not None:
             writer.close()
     print(json.dumps(result.__dict__, indent=2))
+    return 0
+
+
+def _train_update(o: dict[str, Any], items: list[dict]) -> int:
+    """``segdiff train --update MODEL``: the library's retraining policy (``retrain``), as the app's train
+    task runs it; prints what it did (start, baseline, best Dice, published or why not)."""
+    from .labelset import label_names
+    from .report import finite
+    from .retrain import RetrainOptions, plan, retrain
+
+    if o["init"] or o["resume"]:
+        raise CLIError("--update chooses its own start: do not combine it with --init or --resume")
+    options = RetrainOptions(epochs=o["epochs"], max_minutes=o["max_minutes"], val_split=o["val_split"],
+                             batch_size=o["batch_size"], lr=o["lr"], iterations_per_epoch=o["iterations_per_epoch"],
+                             network=o["network"], seed=o["seed"])
+    run = plan(items, label_names(o["studies"], items), o["update"], options, o["device"])
+    if not o["quiet"]:
+        how = "fine-tuning" if run.start.init == "pretrained" else f"a new model ({run.start.reason})"
+        print(f"{how}: {run.start.config.network} on {len(run.train_items)} cases (validation "
+              f"{len(run.val_items)}), labels {run.start.config.labels}", file=sys.stderr)
+    results, publisher = retrain(run, o["output"], options, o["device"], progress=not o["quiet"])
+    print(json.dumps(finite({"init": run.start.init, "reason": run.start.reason, "baseline_dice": run.baseline,
+                      "best_dice": results[0].best_dice, "epochs": results[0].epochs, "published": publisher.published,
+                      "output": str(o["output"]), "kept": str(publisher.kept) if publisher.kept else None,
+                      "note": publisher.note(results[0].best_dice, bool(run.val_items))}), indent=2))
     return 0
 
 

@@ -193,12 +193,14 @@ def remap_values(array: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
 
 
 def write_label(src: str | Path, dest: str | Path, mapping: Mapping[int, int], tmp_dir: str | Path,
-                label_names: Mapping[str, int] | None = None) -> None:
+                label_names: Mapping[str, int] | None = None, grid: str | Path | None = None) -> None:
     """Store the label map ``src`` as ``dest`` with its values mapped (``mapping``; other values kept),
     keeping the file's header (grid, pixel type) and format; a 0/255 mask is read as 0/1. A 3D Slicer
     ``.seg.nrrd`` is read by segment name with ``label_names`` and written as a label map (``dest``
-    should then end in ``.nii.gz``). The file is written in ``tmp_dir`` (same file system, outside any
-    watched folder) and renamed over ``dest``: readers see the old or the whole new label."""
+    should then end in ``.nii.gz``). With ``grid`` (an image file), the label is first resampled onto
+    that image's grid (nearest neighbour, background outside). The file is written in ``tmp_dir`` (same
+    file system, outside any watched folder) and renamed over ``dest``: readers see the old or the whole
+    new label."""
     import SimpleITK as sitk
 
     ext = "".join(Path(dest).suffixes) or ".nii.gz"
@@ -210,6 +212,9 @@ def write_label(src: str | Path, dest: str | Path, mapping: Mapping[int, int], t
             write_nifti(remap_values(voxels, mapping), affine, tmp)
         else:
             img = sitk.ReadImage(str(src))
+            if grid is not None:
+                img = sitk.Resample(img, sitk.ReadImage(str(grid)), sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                    img.GetPixelID())
             arr = sitk.GetArrayFromImage(img)
             if arr.max(initial=0) == 255 and set(np.unique(arr).tolist()) <= {0, 255}:
                 arr = arr // 255

@@ -31,8 +31,28 @@ def app_module(name: str):
         sys.path.remove(str(APP))
 
 
+REPORTS: dict[str, dict] = {}  # numbers tests measured, printed after the run (pytest_terminal_summary)
+
+
+def reported(title: str) -> dict:
+    """A dict of measured numbers that the end of the test run prints under ``title`` (timings of the
+    end-to-end journeys, reliability numbers for docs/): measured by real tests, asserted nowhere."""
+    return REPORTS.setdefault(title, {})
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for title, numbers in REPORTS.items():
+        if numbers:
+            terminalreporter.write_sep("-", title)
+            terminalreporter.write_line(json.dumps(numbers, indent=1, default=str))
+    out = os.environ.get("SEGDIFF_E2E_TIMINGS")
+    if out and any(REPORTS.values()):
+        Path(out).write_text(json.dumps(REPORTS, indent=2, default=str))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: starts a real MONAI Label server (slow, ~2-3 minutes)")
+    config.addinivalue_line("markers", "slow: over ~20 s on 2 cores; `pytest -m 'not slow'` is the quick tier")
 
 
 def tiny_config(**changes):

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-from conftest import (PHANTOMS, TASK_ACTIVE, app_module, dump, make_studies, slicer_params, task_idle,
+from conftest import (PHANTOMS, reported, TASK_ACTIVE, app_module, dump, make_studies, slicer_params, task_idle,
                       wait_for, wait_task_done)
 
 from monai_segdiff.cache import LRUCache
@@ -25,7 +25,7 @@ from monai_segdiff.cache import LRUCache
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 SCORE, TS = "segdiff_uncertainty", "segdiff_uncertainty_ts"
-TIMINGS: dict[str, float] = {}
+TIMINGS: dict[str, float] = reported("segdiff app timings (tiny test model, OMP_NUM_THREADS=1, 2 shared cores)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,16 +321,6 @@ def test_without_a_model_infer_is_404_not_500(env):
         assert "segdiff" in client(env, "a").info()["models"]  # still listed: the answer says what to do
     finally:
         os.replace(moved, env["model"])
-
-
-def test_zz_timings(env, capsys):
-    with capsys.disabled():
-        print("\n\nsegdiff app timings (tiny test model, OMP_NUM_THREADS=1, 2 shared cores):")
-        for k, v in TIMINGS.items():
-            print(f"  {k:<70} {v:8.2f}")
-    out = os.environ.get("SEGDIFF_E2E_TIMINGS")
-    if out:
-        Path(out).write_text(json.dumps(TIMINGS, indent=2))
 
 
 # --------------------------------------------------------------------------------------------------

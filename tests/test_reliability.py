@@ -31,7 +31,7 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from conftest import PHANTOMS, dump, make_studies, task_idle, tiny_config, wait_for, wait_task_done
+from conftest import PHANTOMS, dump, reported, make_studies, task_idle, tiny_config, wait_for, wait_task_done
 
 from monai_segdiff.config import load_checkpoint, save_checkpoint
 from monai_segdiff.networks import build_network
@@ -39,7 +39,7 @@ from monai_segdiff.networks import build_network
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 SCORE, TS = "segdiff_uncertainty", "segdiff_uncertainty_ts"
-RESULTS: dict[str, object] = {}  # numbers for docs/RELIABILITY.md (printed with -s)
+RESULTS: dict[str, object] = reported("reliability numbers (tiny model, 2 shared cores; docs/RELIABILITY.md)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -591,8 +591,3 @@ def test_training_with_zero_or_one_labelled_image_is_refused(srv):
     kept = srv["studies"] / ".segdiff" / "replaced" / "final"
     assert {p.name for p in kept.iterdir()} >= {f"{i}.nii.gz" for i in labelled}  # removed labels are kept
     still_serving(srv)
-
-
-def test_zz_numbers(srv, capsys):
-    with capsys.disabled():
-        print("\n\nreliability numbers (tiny model, 2 shared cores):\n" + json.dumps(RESULTS, indent=1))

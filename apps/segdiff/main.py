@@ -36,35 +36,21 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.async_tasks.utils import tasks as background_tasks
 
-from monai_segdiff.config import NETWORKS
+from monai_segdiff.retrain import RetrainOptions
 from monai_segdiff.transforms import InputError
 from monai_segdiff.validation import check_image_file
 
 logger = logging.getLogger(__name__)
 
 MIN_TRAIN_CASES = 2  # one final label to train on and one held out to validate before publishing
-TRAIN_NUMBERS = {  # option: (lowest allowed, highest allowed or None, lowest excluded)
-    "max_epochs": (0, None, False), "max_minutes": (0, None, False), "iterations_per_epoch": (0, None, False),
-    "train_batch_size": (1, None, False), "learning_rate": (0, None, True), "val_split": (0, 0.9, False),
-}
 
 
 def check_train_request(request: dict) -> None:
-    """HTTP 422 for train options the trainer cannot use (it would fail, or silently fall back to a default)."""
-    network = request.get("network")
-    if network not in (None, "") and network not in NETWORKS:
-        raise HTTPException(422, f"unknown network {network!r}; use one of {', '.join(NETWORKS)}")
-    for key, (low, high, open_low) in TRAIN_NUMBERS.items():
-        value = request.get(key)
-        if value is None or value == "":
-            continue
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = float("nan")
-        if not (number > low if open_low else number >= low) or (high is not None and number > high):
-            limit = (f"> {low}" if open_low else f">= {low}") + (f" and <= {high}" if high is not None else "")
-            raise HTTPException(422, f"{key} must be a number {limit}, got {value!r}")
+    """HTTP 422 for train options the trainer cannot use: the library's one check of them."""
+    try:
+        RetrainOptions.from_request(request)
+    except InputError as e:
+        raise HTTPException(422, str(e)) from None
 
 
 class SegDiffApp(MONAILabelApp):
@@ -114,7 +100,9 @@ class SegDiffApp(MONAILabelApp):
     def init_remote_datastore(self):
         datastore = super().init_remote_datastore()
         if type(datastore) is DICOMWebDatastore:  # --studies http://.../dicom-web
-            datastore = SegDiffDICOMWebDatastore.adopt(datastore, self.task.model.label_names)
+            model = self.task.model
+            datastore = SegDiffDICOMWebDatastore.adopt(
+                datastore, self.task.label_folder, lambda: [n for n, v in model.label_names().items() if v > 0])
         return datastore
 
     # -- behaviour on top of MONAILabelApp ------------------------------------------------------

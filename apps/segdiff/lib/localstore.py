@@ -7,7 +7,7 @@ anywhere and runs for days.
   not its image's, whose values are not whole numbers or are not named by the request's ``label_info``
   -> 422; a label for an image that does not exist -> 404. A rejected upload never touches the stored
   files.
-* A label is stored in the studies' label set (``labels.json``, ``monai_segdiff.labelset``): segments
+* A label is stored in the studies' label set (``labels.json``, ``monai_segdiff.labelstore``): segments
   are mapped by name, a new name extends the set, only the ``uncertain`` segment is dropped, and the
   byte-exact upload is kept as ``<studies>/.segdiff/uploads/<tag>/<file>``.
 * A user's label is never lost: an empty label does not replace a non-empty one (409), an image that
@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from types import SimpleNamespace
 from pathlib import Path
@@ -37,18 +36,18 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from monai_segdiff import labelstore as store
 from monai_segdiff.io import atomic_write
 from monai_segdiff.io import copy_atomic as _copy_atomic
-from monai_segdiff.labelset import LABELS_FILE, LabelSet, SegmentMapping, extend_label_set, max_label, write_label
-from monai_segdiff.slicer_io import is_seg_nrrd, segment_names
+from monai_segdiff.labelset import LABELS_FILE, LabelSet, extend_label_set
+from monai_segdiff.labelstore import LabelConflict
+from monai_segdiff.slicer_io import is_seg_nrrd
 from monai_segdiff.transforms import InputError
-from monai_segdiff.validation import check_image_file, check_label_file
+from monai_segdiff.validation import check_image_file
 
 logger = logging.getLogger(__name__)
 
 TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-REPLACED = os.path.join(".segdiff", "replaced")
-UPLOADS = os.path.join(".segdiff", "uploads")  # byte-exact label uploads, one per image and tag
 
 
 def check_id(value: Any, what: str = "image id") -> str:
@@ -82,10 +81,6 @@ def copy_atomic(src: str, dest: str) -> None:
 def write_text_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file + rename (see `copy_atomic`)."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text), keep_suffix=False)
-
-
-def _status(e: InputError) -> HTTPException:
-    return HTTPException(422, str(e))
 
 
 class SegDiffLocalDatastore(LocalDatastore):
@@ -137,7 +132,7 @@ class SegDiffLocalDatastore(LocalDatastore):
         try:
             check_image_file(image_filename, channels=self.image_channels())
         except InputError as e:
-            raise _status(e) from None
+            raise HTTPException(422, str(e)) from None
         name = self._filename(image_id, image_ext)
         dest = os.path.realpath(os.path.join(self._datastore.image_path(), name))
         with FileLock(self._lock_file):
@@ -161,10 +156,10 @@ class SegDiffLocalDatastore(LocalDatastore):
         return LabelSet.load(self._datastore_path)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        """Store a submitted label in the studies' label set (see ``monai_segdiff.labelset``): values
-        are mapped by segment name (``label_info["label_info"]``, 3D Slicer's list), new names extend
-        the set, the byte-exact upload is kept under ``.segdiff/uploads/<tag>/``; what was done is
-        stored in the label's info (``segdiff``) for the answer (``on_save_label``)."""
+        """Store a submitted label in the studies' label set (``monai_segdiff.labelstore``): values are
+        mapped by segment name (``label_info["label_info"]``, 3D Slicer's list), new names extend the set,
+        the byte-exact upload is kept under ``.segdiff/uploads/<tag>/``; what was done is stored in the
+        label's info (``segdiff``) for the answer (``on_save_label``)."""
         tag = check_tag(label_tag or DefaultLabelTag.FINAL.value)
         image_id = check_id(image_id)
         obj = self._datastore.objects.get(image_id)
@@ -172,159 +167,58 @@ class SegDiffLocalDatastore(LocalDatastore):
         if not image_path or not os.path.isfile(image_path):
             raise HTTPException(404, f"no image {image_id!r} in the datastore: upload the image first")
         label_info = dict(label_info or {})
-        names = submitted_names(label_info, label_filename)
-        try:
-            image = check_image_file(image_path, channels=None)
-            if names is not None and is_seg_nrrd(label_filename):  # values by segment name: all kept
-                check_label_file(label_filename, image, None, {n: i + 1 for i, n in enumerate(names)})
-                found = None
-            else:
-                found = check_label_file(label_filename, image)
-        except InputError as e:
-            raise _status(e) from None
-        unnamed = [v for v in (found or {}).get("values", []) if names is not None and v > len(names)]
-        if unnamed:
-            raise HTTPException(
-                422,
-                f"label values {unnamed} are not named by label_info ({len(names)} segment(s): "
-                f"{', '.join(names) or 'none'}): each value 1..n must be named",
-            )
-        if names is None and found is not None:
-            self._check_values_in_set(found["values"])
-        first = not os.path.isfile(os.path.join(self._datastore_path, LABELS_FILE))
-        labels, mapping = extend_label_set(self._datastore_path, names, bootstrap=self._bootstrap(found) if first else ())
-
+        studies = self._datastore_path
         _, upload_ext = self._to_id(os.path.basename(label_filename))
         label_ext = ".nii.gz" if is_seg_nrrd(label_filename) else upload_ext
-        label_path = self._datastore.label_path(tag)
         name = self._filename(image_id, label_ext)
-        dest = os.path.join(label_path, name)
-        work = os.path.join(self._datastore_path, ".segdiff")
-        with FileLock(self._lock_file):
-            os.makedirs(label_path, exist_ok=True)
-            os.makedirs(work, exist_ok=True)
-            uploaded = self._keep_upload(label_filename, tag, self._filename(image_id, upload_ext), label_info)
-            staged = os.path.join(work, f".staged-{uuid.uuid4().hex}{label_ext}")
-            try:
-                write_label(label_filename, staged, mapping.values if mapping else {}, work, labels.to_dict())
-                stored = check_label_file(staged, image)
-            except (InputError, OSError, RuntimeError, ValueError) as e:
-                if os.path.exists(staged):
-                    os.unlink(staged)
-                raise HTTPException(422, f"cannot store the label: {str(e).splitlines()[0][:200]}") from None
-            previous = self.get_label_uri(image_id, tag) if obj.labels.get(tag) else ""
-            if previous and os.path.isfile(previous):
-                if not stored["foreground_voxels"] and _foreground(previous, image):
-                    os.unlink(staged)
-                    raise HTTPException(
-                        409,
-                        f"the submitted {tag} label of {image_id!r} is empty and would replace a non-empty one; "
-                        "delete the label first (DELETE /datastore/label) to clear it",
-                    )
-                self._keep_replaced(previous, tag)
-            os.replace(staged, dest)
-            if previous and os.path.realpath(previous) != os.path.realpath(dest) and os.path.isfile(previous):
-                os.unlink(previous)  # same id, other format: the new file is the label now (kept above)
-            answer = save_answer(labels, mapping, stored, uploaded, self._datastore_path)
-            label_info.update(ts=int(time.time()), name=name, segdiff=answer)
-            obj.labels[tag] = DataModel(info=label_info, ext=label_ext)
-            self._update_datastore_file(lock=False)
+        dest = os.path.join(self._datastore.label_path(tag), name)
+        try:
+            names = store.submitted_names(label_info, label_filename)
+            image = check_image_file(image_path, channels=None)
+            found = store.check_submission(label_filename, image, names)
+            if names is None:
+                store.check_values_in_set(studies, found["values"])
+            first = not os.path.isfile(os.path.join(studies, LABELS_FILE))
+            bootstrap = store.bootstrap_names(found if names is None else None, self._final_labels()) if first else ()
+            labels, mapping = extend_label_set(studies, names, bootstrap=bootstrap)
+            with FileLock(self._lock_file):
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                uploaded = store.keep_upload(studies, label_filename, tag, self._filename(image_id, upload_ext),
+                                             label_info)
+                staged, stored = store.stage_label(label_filename, image, studies, mapping, labels, label_ext)
+                previous = self.get_label_uri(image_id, tag) if obj.labels.get(tag) else ""
+                if previous and os.path.isfile(previous):
+                    try:
+                        store.refuse_empty_over(stored, previous, image, f"{tag} label of {image_id!r}")
+                    except LabelConflict:
+                        os.unlink(staged)
+                        raise
+                    store.keep_replaced(studies, previous, tag)
+                os.replace(staged, dest)
+                if previous and os.path.realpath(previous) != os.path.realpath(dest) and os.path.isfile(previous):
+                    os.unlink(previous)  # same id, other format: the new file is the label now (kept above)
+                answer = store.save_answer(labels, mapping, stored, uploaded)
+                label_info.update(ts=int(time.time()), name=name, segdiff=answer)
+                obj.labels[tag] = DataModel(info=label_info, ext=label_ext)
+                self._update_datastore_file(lock=False)
+        except LabelConflict as e:
+            raise HTTPException(409, str(e)) from None
+        except InputError as e:
+            raise HTTPException(422, str(e)) from None
         logger.info(f"Saved {tag} label of {image_id} => {dest} ({answer})")
         return image_id
 
-    def _check_values_in_set(self, values: list[int]) -> None:
-        """A label sent without segment names must use the label set's values (HTTP 422 otherwise);
-        a folder without a label set yet takes ``label1..labelK`` (see ``_bootstrap``)."""
-        labels = self.label_set()
-        if not len(labels) and not os.path.isfile(os.path.join(self._datastore_path, LABELS_FILE)):
-            return
-        unknown = [v for v in values if v > len(labels)]
-        if unknown:
-            raise HTTPException(
-                422,
-                f"label values {unknown} are outside the label set {labels.to_dict()}; send label_info "
-                "naming each segment (3D Slicer does) to add labels",
-            )
-
-    def _bootstrap(self, found: dict | None) -> list[str]:
-        """Names of the values 1..K for a folder without ``labels.json``: ``label1..labelK`` up to the
-        largest value already stored (or, without names, submitted), as the library reads such a folder."""
-        top = max((found or {}).get("values") or [0]) if found and found.get("values") else 0
-        stored = [lab for lab in (self.get_label_uri(i, DefaultLabelTag.FINAL) for i in self.get_labeled_images()) if lab]
-        for path in stored:
-            try:
-                top = max(top, max_label(path))
-            except InputError:
-                continue
-        return [f"label{i}" for i in range(1, top + 1)]
-
-    def _keep_upload(self, src: str, tag: str, name: str, label_info: dict[str, Any]) -> str:
-        """The byte-exact upload (and the request's ``label_info``) under ``.segdiff/uploads/<tag>/``."""
-        folder = os.path.join(self._datastore_path, UPLOADS, tag)
-        os.makedirs(folder, exist_ok=True)
-        dest = os.path.join(folder, name)
-        copy_atomic(src, dest)
-        write_text_atomic(f"{dest}.json", json.dumps({"label_info": label_info, "ts": int(time.time())}, default=str))
-        return os.path.relpath(dest, self._datastore_path)
+    def _final_labels(self) -> list[str]:
+        """The stored final label files."""
+        found = (self.get_label_uri(i, DefaultLabelTag.FINAL) for i in self.get_labeled_images())
+        return [path for path in found if path]
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         """Remove a label (``DELETE /datastore/label``, admins), keeping the removed version like a replaced one."""
         path = self.get_label_uri(label_id, label_tag)
         if path and os.path.isfile(path):
-            self._keep_replaced(path, label_tag)
+            store.keep_replaced(self._datastore_path, path, label_tag)
         super().remove_label(label_id, label_tag)
-
-    def _keep_replaced(self, path: str, tag: str) -> None:
-        """Keep the version a new label replaces (one per image and tag) under ``.segdiff/replaced/``."""
-        folder = os.path.join(self._datastore_path, REPLACED, tag)
-        os.makedirs(folder, exist_ok=True)
-        copy_atomic(path, os.path.join(folder, os.path.basename(path)))
-
-
-def submitted_names(label_info: dict[str, Any], label_file: str) -> list[str] | None:
-    """The segment names of a submitted label, for its values 1..n: 3D Slicer's ``label_info`` list
-    (exported in that order), a ``.seg.nrrd``'s own segment names, or None (no names sent)."""
-    given = label_info.get("label_info")
-    if isinstance(given, list) and given:
-        return [str(e.get("name", "")) if isinstance(e, dict) else str(e) for e in given]
-    if is_seg_nrrd(label_file):
-        try:
-            return segment_names(label_file)
-        except ValueError as e:
-            raise HTTPException(422, str(e)) from None
-    return None
-
-
-def save_answer(labels: LabelSet, mapping: SegmentMapping | None, stored: dict, upload: str, studies: str) -> dict:
-    """What a save did, for the client (3D Slicer shows the answer): the label set, the value each
-    submitted segment got, names added to the set or dropped, warnings."""
-    answer: dict[str, Any] = {"label_set": labels.to_dict(), "upload_kept": upload}
-    if mapping is not None:
-        answer["segments"] = {mapping.names[k]: v for k, v in mapping.values.items() if v}
-        answer["remapped"] = {str(k): v for k, v in mapping.changes.items()}
-        if mapping.added:
-            answer["added"] = mapping.added
-        if mapping.dropped:
-            answer["dropped"] = sorted(mapping.dropped)
-    warnings = []
-    if mapping is not None and mapping.dropped:
-        warnings.append(
-            f"segment(s) {', '.join(sorted(mapping.dropped))} not stored: 'uncertain' is the uncertainty model's view, "
-            "not a label"
-        )
-    if not stored["foreground_voxels"]:
-        warnings.append("the stored label is empty (no foreground voxel): the image counts as showing none of the labels")
-    if warnings:
-        answer["warnings"] = warnings
-    return answer
-
-
-def _foreground(path: str, image) -> int:
-    """Foreground voxels of a stored label (0 if it cannot be read: nothing of value to protect)."""
-    try:
-        return check_label_file(path, image)["foreground_voxels"]
-    except InputError:
-        return 0
 
 
 def set_aside_if_corrupt(path: str, lock_file: str) -> None:

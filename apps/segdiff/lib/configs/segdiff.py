@@ -31,7 +31,6 @@ until then; training never writes the shipped model.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from typing import Any
@@ -81,19 +80,6 @@ class ConfError(ValueError):
     """A ``--conf`` value that cannot be used."""
 
 
-def declared_labels(studies: str | None) -> list[str]:
-    """Foreground names from ``<studies>/labels.json`` (advertised before any model exists)."""
-    path = os.path.join(studies, "labels.json") if studies and os.path.isdir(studies) else None
-    if not path or not os.path.isfile(path):
-        return []
-    try:
-        mapping = {str(k): int(v) for k, v in json.load(open(path)).items()}
-    except (OSError, ValueError, AttributeError) as e:
-        logger.warning(f"ignoring {path}: {e}")
-        return []
-    return [k for k, v in sorted(mapping.items(), key=lambda kv: kv[1]) if v > 0]
-
-
 def studies_model_path(studies: str | None, name: str) -> str:
     """Where training publishes the model of a studies folder: ``<studies>/.segdiff/model/<name>.pt``;
     for a remote datastore (DICOMweb URL) a folder of its own under ``~/.cache/monai-segdiff/``."""
@@ -113,6 +99,9 @@ class SegDiffTaskConfig(TaskConfig):
         if unknown:
             logger.warning(f"unknown --conf option(s) ignored: {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
         self.studies = kwargs.get("studies")
+        # the label set and the models of a studies folder live in it; a remote datastore gets a folder
+        self.label_folder = self.studies if self.studies and os.path.isdir(self.studies) else os.path.dirname(
+            studies_model_path(self.studies, name))
         self.shipped = os.path.abspath(os.path.join(model_dir, f"{name}.pt"))
         given = os.path.abspath(self.option("model_path")) if self.option("model_path") else None
         if given and given != self.shipped:  # the user's own model file: served, and published by training
@@ -133,7 +122,7 @@ class SegDiffTaskConfig(TaskConfig):
             uncertainty=self.option("uncertainty") or None,
             seed=self.number("seed", int),
             cache_size=self.number("cache_size", int),
-            fallback_labels=declared_labels(self.studies),
+            fallback_labels=self.label_set(),
             postprocess=self.postprocess_option(),
             tta_flips=tta_flips or None,
             fallback=self.base,
@@ -151,11 +140,9 @@ class SegDiffTaskConfig(TaskConfig):
         )
 
     def label_set(self) -> list[str]:
-        """The studies' foreground label names by value (``labels.json``; none for a remote datastore)."""
-        if not self.studies or not os.path.isdir(self.studies):
-            return []
+        """The studies' foreground label names by value (``labels.json`` in ``label_folder``)."""
         try:
-            return LabelSet.load(self.studies).foreground
+            return LabelSet.load(self.label_folder).foreground
         except InputError as e:
             logger.warning(f"studies label set: {e}")
             return []
@@ -193,7 +180,7 @@ class SegDiffTaskConfig(TaskConfig):
     def trainer(self) -> TrainTask:
         return SegDiffTrain(
             self.path,
-            self.studies,
+            self.label_folder,
             base_path=self.base,
             network=self.network,
             device=self.device,

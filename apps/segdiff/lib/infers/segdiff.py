@@ -27,8 +27,9 @@ from monailabel.utils.others.generic import device_list, file_ext
 
 from monai_segdiff.busy import BusyMarker
 from monai_segdiff.io import is_picture
+from monai_segdiff.report import finite
 
-from ..model import CachedPrediction, ImageNotFoundError, SegDiffAppError, SegDiffModel, plain
+from ..model import CachedPrediction, ImageNotFoundError, SegDiffAppError, SegDiffModel
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ class SegDiffInfer(BasicInferTask):
         with busy_marker(self.model).hold():  # background scoring pauses between images meanwhile
             pred, cached = self.model.predict(image, samples=samples, steps=steps, device=check_device(device))
         data.setdefault("result_extension", result_extension(image))
-        data["result"] = plain(self.result_json(pred, cached))
+        data["result"] = finite(self.result_json(pred, cached))
         out, affine = self.output(pred, data), pred.affine
         if out.ndim == 2 and not is_picture(image):  # MONAI Label's writer drops a 2D result's geometry
             out, affine = out[..., None], affine_2d_to_3d(affine) if affine.shape == (3, 3) else affine

@@ -19,10 +19,11 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from monai_segdiff.busy import lower_priority
+from monai_segdiff.report import finite
 from monai_segdiff.transforms import InputError
 
 from ..infers.segdiff import busy_marker, truthy
-from ..model import SegDiffModel, plain
+from ..model import SegDiffModel
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +108,11 @@ class UncertaintyScoring(ScoringMethod):
                     logger.warning(f"segdiff_uncertainty: {image_id}: {e}")
                 datastore.refresh()  # pick up what the server wrote meanwhile before writing our copy
                 if image_id in datastore.get_unlabeled_images():
-                    datastore.update_image_info(image_id, plain(info))
+                    datastore.update_image_info(image_id, finite(info))
                 logger.info(f"segdiff_uncertainty: {image_id} = {info[SCORE_KEY]} ({time.time() - t0:.2f}s)")
             if not changed:
                 break
-        return plain(
+        return finite(
             {
                 "scored": len(scored),
                 "failed": failed,
