@@ -7,7 +7,6 @@ Run with ``pytest tests/test_app_e2e.py -s`` to see the timings table at the end
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time

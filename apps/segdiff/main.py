@@ -19,14 +19,16 @@ import sys
 import tempfile
 import threading
 
+import numpy as np
+
 import monai_segdiff
 from fastapi import HTTPException
 from lib.auth import answer_refused_logins, close_open_routes, fix_token_validation
 from lib.configs import SegDiffTaskConfig
 from lib.datastore import SegDiffDICOMWebDatastore
-from lib.labels import present_values, seg_label_info
-from lib.localstore import SegDiffLocalDatastore, check_tag
+from lib.localstore import SegDiffLocalDatastore
 from lib.model import SegDiffAppError
+from lib.guards import check_infer_request, check_train_request, checked_sessions, describe_segments
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
@@ -34,23 +36,12 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
+from monailabel.transform.writer import write_itk
 from monailabel.utils.async_tasks.utils import tasks as background_tasks
-
-from monai_segdiff.retrain import RetrainOptions
-from monai_segdiff.transforms import InputError
-from monai_segdiff.validation import check_image_file
 
 logger = logging.getLogger(__name__)
 
 MIN_TRAIN_CASES = 2  # one final label to train on and one held out to validate before publishing
-
-
-def check_train_request(request: dict) -> None:
-    """HTTP 422 for train options the trainer cannot use: the library's one check of them."""
-    try:
-        RetrainOptions.from_request(request)
-    except InputError as e:
-        raise HTTPException(422, str(e)) from None
 
 
 class SegDiffApp(MONAILabelApp):
@@ -119,46 +110,17 @@ class SegDiffApp(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         """MONAI Label answers any exception with a bare 500; map ours to clear 4xx/5xx answers."""
-        model = request.get("model")
-        if model and model not in self._infers:
-            raise HTTPException(404, f"no model {model!r}; available: {', '.join(self._infers)}")
-        image = request.get("image")
-        if request.get("save_label") and str(request.get("label_tag", "")) == DefaultLabelTag.FINAL.value:
-            raise HTTPException(409, "an infer result is never saved as the final label (label_tag 'final')")
-        if request.get("label_tag") is not None:
-            check_tag(request.get("label_tag"))
-        if isinstance(image, str) and image and not self._readable_path(image):
-            try:
-                found = (datastore or self.datastore()).get_image_uri(image)
-            except (IndexError, KeyError):  # the DICOMweb datastore's answer to an unknown series
-                found = None
-            if not found:
-                raise HTTPException(404, f"image {image!r} not found in the datastore")
+        sessions = self.sessions() if self._server_mode else None
+        check_infer_request(request, self._infers, datastore or self.datastore(), self._server_mode,
+                            sessions.store_path if sessions is not None else None)
         try:
             result = super().infer(request, datastore)
         except SegDiffAppError as e:
             raise HTTPException(e.status_code, e.msg) from e
         except MONAILabelException as e:
             raise HTTPException(400 if e.error == MONAILabelError.INVALID_INPUT else 500, e.msg) from e
-        self._describe_segments(request.get("label_info"), result)
+        describe_segments(request.get("label_info"), result)
         return result
-
-    def _readable_path(self, image: str) -> bool:
-        """May infer read ``image`` as a file path? In the server only the file MONAI Label's infer
-        endpoint wrote from the request's upload (``<tmp>/tmp*``) or a session's image: any other
-        value must be a datastore id (no reading server files by path, e.g. ``../../etc/passwd``).
-        Outside the server (``monailabel.interfaces.utils.app -m infer``) any existing path."""
-        if not os.path.isfile(image):
-            return False
-        if not self._server_mode:
-            return True
-        path = os.path.realpath(image)
-        uploads = os.path.realpath(tempfile.gettempdir())
-        if os.path.dirname(path) == uploads and os.path.basename(path).startswith("tmp"):
-            return True
-        sessions = self.sessions()
-        root = os.path.realpath(sessions.store_path) if sessions is not None else None
-        return bool(root) and os.path.commonpath([path, root]) == root
 
     def bundle_path(self, model):
         """MONAI Label 0.8.5 calls this in the request thread just before it starts a train subprocess
@@ -179,38 +141,10 @@ class SegDiffApp(MONAILabelApp):
                 check_train_request(request)
         return super().bundle_path(model)
 
-    @staticmethod
-    def _describe_segments(label_info, result: dict) -> None:
-        """``output=dicom_seg``: MONAI Label's infer endpoint writes the DICOM SEG from the request's
-        ``label_info`` list (this very object) and names the i-th label value present in the result after
-        its i-th entry; rewrite the list in place to one entry per value present, named by the model."""
-        params = result.get("params") or {}
-        if not isinstance(label_info, list) or not label_info or params.get("output") == "uncertainty_map":
-            return
-        try:
-            values = present_values(result["file"])
-        except Exception as e:  # no readable result file: the endpoint reports it
-            logger.warning(f"segdiff: could not read the result's label values: {e}")
-            return
-        label_info[:] = seg_label_info(values, params.get("label_names") or {}, label_info)
-
     def sessions(self):
-        """MONAI Label's sessions (Slicer uploads a local volume as one), refusing an uploaded image that
-        inference could not read whole (e.g. a truncated NIfTI) with a 422 instead of storing it."""
+        """MONAI Label's sessions, refusing an uploaded image that cannot be read whole (422)."""
         sessions = super().sessions()
-        if sessions is not None and not getattr(sessions, "segdiff_checked", False):
-            add_session = sessions.add_session
-
-            def checked(image: str, expiry: int = 0, uncompress: bool = False):
-                if not uncompress and os.path.isfile(image):
-                    try:
-                        check_image_file(image, channels=None)
-                    except InputError as e:
-                        raise HTTPException(422, f"session image refused: {e}") from None
-                return add_session(image, expiry, uncompress)
-
-            sessions.add_session, sessions.segdiff_checked = checked, True
-        return sessions
+        return checked_sessions(sessions) if sessions is not None else None
 
     def on_init_complete(self):
         super().on_init_complete()
@@ -218,10 +152,6 @@ class SegDiffApp(MONAILabelApp):
 
     def _warm_up(self):
         """ITK loads its IO modules on the first write (~3 s): pay that now, not in the first infer."""
-        import tempfile
-
-        import numpy as np
-        from monailabel.transform.writer import write_itk
 
         with tempfile.TemporaryDirectory() as tmp:
             write_itk(np.zeros((2, 2, 2), np.uint8), os.path.join(tmp, "warm.nii.gz"), np.eye(4), None, False)
