@@ -48,7 +48,9 @@ from monai_segdiff.postprocess import parse_postprocess
 from monai_segdiff.transforms import InputError
 
 from ..activelearning.uncertainty import UncertaintyStrategy
-from ..infers.segdiff import SegDiffInfer, SegDiffUncertaintyInfer, truthy
+from ..infers.options import truthy
+from ..infers.segdiff import SegDiffInfer
+from ..infers.segdiff_uncertainty import SegDiffUncertaintyInfer
 from ..model import SegDiffModel
 from ..scoring.uncertainty import UncertaintyScoring
 from ..trainers.segdiff import SegDiffTrain

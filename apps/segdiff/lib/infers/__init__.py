@@ -1,3 +1,4 @@
-from .segdiff import SegDiffInfer, SegDiffUncertaintyInfer
+from .segdiff import SegDiffInfer
+from .segdiff_uncertainty import SegDiffUncertaintyInfer
 
 __all__ = ["SegDiffInfer", "SegDiffUncertaintyInfer"]

@@ -22,7 +22,7 @@ from monai_segdiff.busy import lower_priority
 from monai_segdiff.report import finite
 from monai_segdiff.transforms import InputError
 
-from ..infers.segdiff import busy_marker, truthy
+from ..infers.options import busy_marker, truthy
 from ..model import SegDiffModel
 
 logger = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from monai_segdiff.tracking import TensorBoardCallback, run_dir
 from monai_segdiff.training import TrainResult
 from monai_segdiff.transforms import InputError
 
-from ..infers.segdiff import devices
+from ..infers.options import devices
 
 logger = logging.getLogger(__name__)
 
