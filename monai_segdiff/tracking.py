@@ -4,6 +4,8 @@ validation Dice and learning rate become scalars in TensorBoard event files (``t
 from __future__ import annotations
 
 import datetime
+import importlib.util
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -11,12 +13,29 @@ from pathlib import Path
 
 # stats key of ``training.train``'s callback -> TensorBoard tag
 TAGS = {"loss": "train/loss", "lr": "train/lr", "val_dice": "val/dice"}
+TRACKING = ("none", "tensorboard")  # what a run can be tracked with
+
+logger = logging.getLogger(__name__)
 
 
 def run_dir(root: str | os.PathLike, name: str = "") -> Path:
     """A new run folder ``<root>/<name>-<YYYYmmdd-HHMMSS>`` (TensorBoard shows one curve per run folder)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path(root) / (f"{name}-{stamp}" if name else stamp)
+
+
+def tracker(kind: str, root: str | os.PathLike, name: str = "") -> TensorBoardCallback | None:
+    """A :class:`TensorBoardCallback` in a new run folder under ``root`` for ``kind`` "tensorboard";
+    None for "none" (or "", "false"), for another kind, or without the tensorboard package (warned)."""
+    kind = str(kind).strip().lower()
+    if kind != "tensorboard":
+        if kind not in ("none", "", "false"):
+            logger.warning(f"tracking {kind!r} is not supported; use one of {', '.join(TRACKING)}")
+        return None
+    if importlib.util.find_spec("tensorboard") is None:  # SummaryWriter needs it
+        logger.warning("tensorboard is not installed; tracking disabled")
+        return None
+    return TensorBoardCallback(run_dir(root, name))
 
 
 class TensorBoardCallback:

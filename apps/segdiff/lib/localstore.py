@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -45,31 +44,10 @@ from monai_segdiff.slicer_io import is_seg_nrrd
 from monai_segdiff.transforms import InputError
 from monai_segdiff.validation import check_image_file
 
+from .guards import check_id, check_tag
+
 logger = logging.getLogger(__name__)
 
-TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-def check_id(value: Any, what: str = "image id") -> str:
-    """``value`` if it is a plain file name (the datastore builds paths from it); else HTTP 400."""
-    text = value if isinstance(value, str) else ""
-    if (
-        not text
-        or len(text) > 200
-        or text.startswith(".")
-        or ".." in text
-        or any(c in text for c in "/\\:")
-        or any(ord(c) < 32 for c in text)
-    ):
-        raise HTTPException(400, f"invalid {what} {value!r}: use a plain name (no '/', '\\', ':', '..' or leading '.')")
-    return text
-
-
-def check_tag(value: Any) -> str:
-    """A label tag: letters, digits, ``_`` and ``-`` (it is a folder name under ``labels/``); else HTTP 400."""
-    if not isinstance(value, str) or not TAG.match(value):
-        raise HTTPException(400, f"invalid label tag {value!r}: use letters, digits, '_' or '-'")
-    return value
 
 
 def copy_atomic(src: str, dest: str) -> None:

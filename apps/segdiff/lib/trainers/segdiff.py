@@ -1,17 +1,13 @@
 """Train task ``segdiff_train``: the library's retraining (``monai_segdiff.retrain``) on the datastore's
-final labels.
+final labels, in the background subprocess MONAI Label starts (``/train`` answers 429 while one runs).
 
-MONAI Label runs it in a background subprocess (``/train`` answers 429 while one runs). The request's
-options are checked by ``RetrainOptions.from_request`` (the server refuses bad ones with 422 before the
-run starts, ``main.py``). The labels are checked first: every value in the studies' label set, some
-foreground, at least two labels with foreground so one can validate; otherwise the run ends in ERROR with
-the reason in ``/info``. The served model is fine-tuned when it was made for the studies' label set,
-images and spacing, else a new model is trained for the whole set; a checkpoint is published to the
-studies' own model file only when it beats the served model's validation Dice (a new model: 0), and the
-shipped sample model is never written. The infer tasks pick the new file up (they reload on mtime change)
-and the scoring method recomputes stale scores afterwards. Progress and results go to
-``train_stats.json`` next to the model file, which ``stats()`` returns for ``/info`` (the keys 3D Slicer
-reads: ``epoch``, ``total_epochs``, ``best_metric``, ``total_time`` once finished).
+Options are checked by ``RetrainOptions.from_request`` (the server refuses bad ones with 422 before the
+run starts). Labels that cannot train an honest model (empty, out of the label set, fewer than two with
+foreground) end the run in ERROR with the reason in ``/info``. The studies' own model file is written
+only by a checkpoint that beats the served model on the same validation cases (a new model: Dice 0);
+the shipped sample model is never written. Progress and results go to ``train_stats.json`` beside the
+model, which ``stats()`` returns for ``/info`` (3D Slicer reads ``epoch``, ``total_epochs``,
+``best_metric``, ``total_time``).
 """
 
 from __future__ import annotations
@@ -38,15 +34,13 @@ from monai_segdiff.io import write_json
 from monai_segdiff.labelset import label_names as studies_label_names
 from monai_segdiff.report import finite
 from monai_segdiff.retrain import RetrainOptions, plan, retrain
-from monai_segdiff.tracking import TensorBoardCallback, run_dir
+from monai_segdiff.tracking import TRACKING, tracker
 from monai_segdiff.training import TrainResult
 from monai_segdiff.transforms import InputError
 
 from ..infers.options import devices
 
 logger = logging.getLogger(__name__)
-
-TRACKING = ("none", "tensorboard")
 
 
 def _hms(seconds: float) -> str:
@@ -58,7 +52,8 @@ class SegDiffTrain(TrainTask):
 
     Args:
         model_path: where the run publishes its model (the studies' own model file).
-        studies: the studies folder (for ``labels.json``); may be a URL for remote datastores.
+        studies: the folder of the label set (``labels.json``: the studies folder, or the app's folder
+            for a remote datastore); without it, ``label1..labelK`` up to the largest stored value.
         base_path: the model served while ``model_path`` does not exist yet (e.g. the shipped sample
             model): fine-tuned from when it fits, never written.
         network: network of a new model.
@@ -131,7 +126,8 @@ class SegDiffTrain(TrainTask):
         try:
             options = RetrainOptions.from_request(req, self.defaults)
             ranks = distributed.rank_devices(strtobool(req.get("multi_gpu")), req.get("gpus"), device)
-            run = plan(items, self.label_names(items), self.source_model(), options, device)
+            labels = studies_label_names(self.studies if os.path.isdir(self.studies or "") else os.devnull, items)
+            run = plan(items, labels, self.source_model(), options, device)
         except (InputError, ValueError) as e:  # the run cannot be honest: ERROR with the reason, shown by /info
             self._write({"status": "ERROR", "error": str(e), "start_ts": int(start), "epoch": 0, "published": False,
                          "best_metric": None, "total_time": _hms(time.time() - start)})
@@ -145,7 +141,7 @@ class SegDiffTrain(TrainTask):
             "model": self.model_path, "request": {k: req.get(k) for k in self.config()},
         }
         self._write({**base, "current_time": _hms(0)})
-        writer = self.tracker(str(req.get("tracking", "none")))
+        writer = tracker(str(req.get("tracking", "none")), os.path.join(os.path.dirname(self.model_path), "runs"))
 
         def on_epoch(s: dict) -> None:
             elapsed = time.time() - start
@@ -193,32 +189,12 @@ class SegDiffTrain(TrainTask):
             "losses": result.losses, "val_dices": result.val_dice,
         }
 
-    def label_names(self, items: list[dict]) -> list[str]:
-        """The studies' foreground label names by value: ``labels.json`` (the label set the app keeps),
-        else ``label1..labelK`` up to the largest stored value (a folder labelled before the set existed)."""
-        studies = self.studies if self.studies and os.path.isdir(self.studies) else os.devnull
-        return studies_label_names(studies, items)
-
     def source_model(self) -> str | None:
         """The model a run fine-tunes: the one published for these studies, else the base model served
         until then (e.g. the shipped sample model)."""
         if os.path.isfile(self.model_path) or not self.base_path:
             return self.model_path
         return self.base_path
-
-    def tracker(self, tracking: str) -> TensorBoardCallback | None:
-        """TensorBoard event files (loss, validation Dice, learning rate per epoch) in a new run folder
-        under ``<model dir>/runs/`` when asked for; None otherwise."""
-        if tracking.lower() not in ("tensorboard",):
-            if tracking.lower() not in ("none", "", "false"):
-                logger.warning(f"tracking {tracking!r} is not supported here; use 'none' or 'tensorboard'")
-            return None
-        try:  # optional: SummaryWriter needs it
-            import tensorboard  # noqa: F401
-        except ImportError:
-            logger.warning("tensorboard is not installed; tracking disabled")
-            return None
-        return TensorBoardCallback(run_dir(os.path.join(os.path.dirname(self.model_path), "runs")))
 
     def _write(self, stats: dict) -> None:
         try:
