@@ -96,7 +96,80 @@ def timed(key, fn, *args, **kwargs):
 
 
 # --------------------------------------------------------------------------------------------------
-# the Slicer loop, in order
+# the steps of the Slicer loop: each done once, by whichever test needs it first, so the tests below
+# run in their natural order (one journey on one server) or alone (`pytest -k <name>`)
+# --------------------------------------------------------------------------------------------------
+def step(env, key: str, run):
+    if key not in env:
+        env[key] = run()
+    return env[key]
+
+
+def picked(env) -> dict:
+    """Annotators a and b ask for the next sample once start-up scoring is done."""
+    def run():
+        scores = wait_for(lambda: scores_current(env), timeout=300, interval=2, what="start-up scoring")
+        wait_for(lambda: task_idle(env["url"], "scoring"), timeout=60, what="scoring task to finish")
+        a = client(env, "annotator-a").next_sample("segdiff_uncertainty", {})
+        b = client(env, "annotator-b").next_sample("segdiff_uncertainty", {})
+        return {"scores": {i: s for i, (s, _) in scores.items()}, "a": a, "b": b}
+
+    return step(env, "picked", run)
+
+
+def ids(env) -> tuple[str, str]:
+    p = picked(env)
+    return p["a"]["id"], p["b"]["id"]
+
+
+def submitted(env) -> dict:
+    """Annotator c submits a label exported by Slicer (reordered segments plus "uncertain")."""
+    def run():
+        image_id = sorted(set(env["unlabeled"]) - set(ids(env)))[0]
+        truth = np.asarray(load(PHANTOMS / "labels" / "final" / f"{image_id}.nii.gz").dataobj).astype(np.uint8)
+        exported = np.zeros_like(truth)
+        exported[truth == 2] = 1  # lesion first
+        exported[truth == 1] = 2  # organ second
+        exported[:4, :4, :4] = 3  # "uncertain" voxels (background in the truth there)
+        assert not truth[:4, :4, :4].any()
+        path = env["root"] / f"{image_id}_slicer.nii.gz"
+        nib.save(nib.Nifti1Image(exported, load(image_path(env, image_id)).affine), str(path))
+        label_info = [{"name": "lesion", "idx": 1}, {"name": "organ", "idx": 2}, {"name": "uncertain", "idx": 3}]
+        res = client(env, "annotator-c").save_label(image_id, str(path), params={"label_info": label_info})
+        return {"id": image_id, "truth": truth, "answer": res}
+
+    return step(env, "submitted", run)
+
+
+def trained(env) -> dict:
+    """Train with Slicer's parameters (1 epoch) after the submitted label."""
+    def run():
+        submitted(env)
+        c = client(env, "annotator-a")
+        params = slicer_params(c.info(), "train", "segdiff_train")
+        out = {"params": dict(params), "old_ts": os.stat(env["model"]).st_mtime}
+        params["max_epochs"] = 1
+        t0 = time.time()
+        out["status"] = c.train_start("segdiff_train", params)
+        # MONAI Label counts started subprocesses, not submitted tasks: a second request in the first
+        # milliseconds would be queued behind the first instead of refused, so wait until it runs.
+        wait_for(lambda: c.train_status().get("status") != "SUBMITTED", timeout=60, interval=0.2, what="train start")
+        try:
+            c.train_start("segdiff_train", params)
+            out["second"] = "accepted"
+        except Exception as e:  # noqa: BLE001 (the client raises a bare Exception with the status)
+            out["second"] = str(e)
+        out["done"] = wait_task_done(c.train_status, timeout=600, interval=2, what="training")
+        TIMINGS["train 1 epoch, Slicer defaults, incl. subprocess start (s)"] = time.time() - t0
+        out["at"] = time.time()
+        out["stats"] = c.info()["train_stats"]["segdiff_train"]
+        return out
+
+    return step(env, "trained", run)
+
+
+# --------------------------------------------------------------------------------------------------
+# the Slicer loop
 # --------------------------------------------------------------------------------------------------
 def test_info_lists_models_for_slicer(env):
     info = client(env, "a").info()
@@ -120,34 +193,34 @@ def test_info_lists_models_for_slicer(env):
 
 
 def test_startup_scoring_scores_every_unlabeled_image(env):
-    scores = wait_for(lambda: scores_current(env), timeout=300, interval=2, what="start-up scoring")
-    TIMINGS["start-up: server start until all unlabeled scored (s)"] = time.time() - env["t0"]
+    if "picked" not in env:  # alone, or first: time the start-up scoring
+        scores = wait_for(lambda: scores_current(env), timeout=300, interval=2, what="start-up scoring")
+        TIMINGS["start-up: server start until all unlabeled scored (s)"] = time.time() - env["t0"]
+    scores = picked(env)["scores"]
     assert sorted(scores) == sorted(env["unlabeled"])
-    assert all(0.0 <= s <= 1.0 for s, _ in scores.values())
-    wait_for(lambda: task_idle(env["url"], "scoring"), timeout=60, what="scoring task to finish")
+    assert all(0.0 <= s <= 1.0 for s in scores.values())
 
 
 def test_next_sample_highest_score_and_one_annotator_per_image(env):
-    scores = {i: s for i, (s, _) in unlabeled_scores(env).items()}
+    p = picked(env)
+    scores, a, b = p["scores"], p["a"], p["b"]
     ranked = sorted(scores, key=lambda i: (scores[i], i), reverse=True)
-    a = client(env, "annotator-a").next_sample("segdiff_uncertainty", {})
-    b = client(env, "annotator-b").next_sample("segdiff_uncertainty", {})
     assert a["id"] == ranked[0], dump({"a": a, "scores": scores})
     assert b["id"] == ranked[1] != a["id"]
     assert a[SCORE] == pytest.approx(scores[a["id"]])
     assert Path(a["path"]).is_file()
-    env["a"], env["b"] = a["id"], b["id"]
     first = client(env, "annotator-c").next_sample("first", {})
     assert first["id"] == sorted(env["unlabeled"])[0]
     assert client(env, "annotator-c").next_sample("random", {})["id"] in env["unlabeled"]
 
 
 def test_auto_segmentation_returns_label_on_image_grid(env):
+    a, _ = ids(env)
     c = client(env, "annotator-a")
     params = slicer_params(c.info(), "infer", "segdiff")
-    result, out = timed("infer segdiff, uncached (s)", c.infer, "segdiff", env["a"], params)
+    result, out = timed("infer segdiff, uncached (s)", c.infer, "segdiff", a, params)
     try:
-        assert_on_image_grid(result, env, env["a"])
+        assert_on_image_grid(result, env, a)
         values = set(np.unique(np.asarray(load(result).dataobj)).astype(int).tolist())
         assert values <= {0, 1, 2}
         assert out["label_names"] == {"background": 0, "organ": 1, "lesion": 2}
@@ -161,16 +234,18 @@ def test_auto_segmentation_returns_label_on_image_grid(env):
 
 
 def test_uncertainty_model_reuses_the_ensemble(env):
+    a, b = ids(env)
     c = client(env, "annotator-a")
+    os.unlink(c.infer("segdiff", a, slicer_params(c.info(), "infer", "segdiff"))[0])  # Auto Segmentation first
     params = slicer_params(c.info(), "infer", "segdiff_uncertainty")
     assert params["output_map"] is False and params["uncertainty_threshold"] == 0.5
-    mask_file, out = timed("infer segdiff_uncertainty, cached (s)", c.infer, "segdiff_uncertainty", env["a"], params)
-    map_file, out_map = c.infer("segdiff_uncertainty", env["a"], dict(params, output_map=True))
+    mask_file, out = timed("infer segdiff_uncertainty, cached (s)", c.infer, "segdiff_uncertainty", a, params)
+    map_file, out_map = c.infer("segdiff_uncertainty", a, dict(params, output_map=True))
     try:
         assert out["cached"] is True and out_map["cached"] is True
         assert out["label_names"] == {"uncertain": 1}
-        assert_on_image_grid(mask_file, env, env["a"])
-        assert_on_image_grid(map_file, env, env["a"])
+        assert_on_image_grid(mask_file, env, a)
+        assert_on_image_grid(map_file, env, a)
         mask = np.asarray(load(mask_file).dataobj)
         umap = np.asarray(load(map_file).dataobj)
         assert set(np.unique(mask).astype(int).tolist()) <= {0, 1}
@@ -180,8 +255,8 @@ def test_uncertainty_model_reuses_the_ensemble(env):
     finally:
         os.unlink(mask_file)
         os.unlink(map_file)
-    first, out = timed("infer segdiff_uncertainty, uncached (s)", c.infer, "segdiff_uncertainty", env["b"], params)
-    again, out2 = timed("infer segdiff_uncertainty, cached again (s)", c.infer, "segdiff_uncertainty", env["b"], params)
+    first, out = timed("infer segdiff_uncertainty, uncached (s)", c.infer, "segdiff_uncertainty", b, params)
+    again, out2 = timed("infer segdiff_uncertainty, cached again (s)", c.infer, "segdiff_uncertainty", b, params)
     os.unlink(first)
     os.unlink(again)
     assert out["cached"] is False and out2["cached"] is True
@@ -195,7 +270,7 @@ def test_default_client_on_this_machine_keeps_its_result(env):
     from monailabel.client import MONAILabelClient
 
     c = MONAILabelClient(env["url"], client_id="default-tmpdir")
-    image = env.get("a", env["unlabeled"][0])
+    image = env["unlabeled"][0]
     result, out = c.infer("segdiff", image, {})
     try:
         assert os.path.dirname(result) == tempfile.gettempdir()
@@ -210,30 +285,18 @@ def test_default_client_on_this_machine_keeps_its_result(env):
 def test_submit_label_maps_segments_by_name(env):
     # Slicer exports segments with values 1..n in segment order and names them in label_info; here the
     # annotator reordered the segments and kept the "uncertain" one from the uncertainty model.
-    image_id = sorted(set(env["unlabeled"]) - {env["a"], env["b"]})[0]
-    truth_img = load(PHANTOMS / "labels" / "final" / f"{image_id}.nii.gz")
-    truth = np.asarray(truth_img.dataobj).astype(np.uint8)
-    exported = np.zeros_like(truth)
-    exported[truth == 2] = 1  # lesion first
-    exported[truth == 1] = 2  # organ second
-    exported[:4, :4, :4] = 3  # "uncertain" voxels (background in the truth there)
-    assert not truth[:4, :4, :4].any()
-    path = env["root"] / f"{image_id}_slicer.nii.gz"
-    nib.save(nib.Nifti1Image(exported, load(image_path(env, image_id)).affine), str(path))
-    label_info = [{"name": "lesion", "idx": 1}, {"name": "organ", "idx": 2}, {"name": "uncertain", "idx": 3}]
-    res = client(env, "annotator-c").save_label(image_id, str(path), params={"label_info": label_info})
-    assert res["image"] == image_id and res["remapped"] == {"1": 2, "2": 1, "3": 0}
-    stored = np.asarray(load(env["studies"] / "labels" / "final" / f"{image_id}.nii.gz").dataobj)
-    np.testing.assert_array_equal(stored, truth)
-    assert image_id not in unlabeled_scores(env)
-    env["labelled_now"] = image_id
+    sub = submitted(env)
+    assert sub["answer"]["image"] == sub["id"] and sub["answer"]["remapped"] == {"1": 2, "2": 1, "3": 0}
+    stored = np.asarray(load(env["studies"] / "labels" / "final" / f"{sub['id']}.nii.gz").dataobj)
+    np.testing.assert_array_equal(stored, sub["truth"])
+    assert sub["id"] not in unlabeled_scores(env)
 
 
 def test_errors_are_clear_4xx(env):
     url = env["url"]
     r = requests.post(f"{url}/infer/segdiff?image=no_such_image", data={"params": "{}"}, timeout=60)
     assert r.status_code == 404 and "no_such_image" in r.text
-    r = requests.post(f"{url}/infer/no_such_model?image={env['a']}", data={"params": "{}"}, timeout=60)
+    r = requests.post(f"{url}/infer/no_such_model?image={env['unlabeled'][0]}", data={"params": "{}"}, timeout=60)
     assert r.status_code == 404 and "no_such_model" in r.text
     r = requests.post(f"{url}/infer/segdiff", data={"params": "{}"},
                       files={"file": ("broken.nii.gz", b"not an image", "application/octet-stream")}, timeout=60)
@@ -241,50 +304,41 @@ def test_errors_are_clear_4xx(env):
 
 
 def test_train_with_slicer_parameters_publishes_a_better_model(env):
-    c = client(env, "annotator-a")
-    params = slicer_params(c.info(), "train", "segdiff_train")
-    assert params["tracking"] == "none" and params["pretrained"] is True
-    params["max_epochs"] = 1
-    old_ts = os.stat(env["model"]).st_mtime
-    t0 = time.time()
-    status = c.train_start("segdiff_train", params)
-    assert status["status"] in TASK_ACTIVE
-    # MONAI Label counts started subprocesses, not submitted tasks: a second request in the first
-    # milliseconds would be queued behind the first instead of refused, so wait until it runs.
-    wait_for(lambda: c.train_status().get("status") != "SUBMITTED", timeout=60, interval=0.2, what="train start")
-    with pytest.raises(Exception, match="429"):
-        c.train_start("segdiff_train", params)
-    done = wait_task_done(c.train_status, timeout=600, interval=2, what="training")
-    TIMINGS["train 1 epoch, Slicer defaults, incl. subprocess start (s)"] = time.time() - t0
-    env["trained_at"] = time.time()
-    assert done["status"] == "DONE", dump(done) + "\n" + env["server"].tail()
-    stats = c.info()["train_stats"]["segdiff_train"]
+    t = trained(env)
+    assert t["params"]["tracking"] == "none" and t["params"]["pretrained"] is True
+    assert t["status"]["status"] in TASK_ACTIVE
+    assert "429" in t["second"], t["second"]  # a second run while one runs is refused
+    assert t["done"]["status"] == "DONE", dump(t["done"]) + "\n" + env["server"].tail()
+    stats = t["stats"]
     assert stats["status"] == "DONE" and stats["total_time"] and stats["init"] == "pretrained", dump(stats)
     assert stats["published"] is True, dump(stats)
     assert stats["best_metric"] > stats["baseline_metric"]
     assert stats["train_cases"] + stats["val_cases"] == 28 - len(env["unlabeled"]) + 1
-    assert os.stat(env["model"]).st_mtime > old_ts
+    assert os.stat(env["model"]).st_mtime > t["old_ts"]
     assert stats["model_ts"] == os.stat(env["model"]).st_mtime
     TIMINGS["train: fine-tune seconds inside the task (s)"] = stats["seconds"]
 
 
 def test_next_infer_uses_the_new_model(env):
+    trained(env)
     c = client(env, "annotator-a")
-    result, out = timed("infer segdiff after model reload (s)", c.infer, "segdiff", env["a"],
+    result, out = timed("infer segdiff after model reload (s)", c.infer, "segdiff", ids(env)[0],
                         slicer_params(c.info(), "infer", "segdiff"))
     os.unlink(result)
     assert out["model_ts"] == os.stat(env["model"]).st_mtime and out["cached"] is False
 
 
 def test_scores_refreshed_with_the_new_model(env):
+    done_at = trained(env)["at"]
     scores = wait_for(lambda: scores_current(env), timeout=300, interval=2, what="rescoring after training")
-    TIMINGS[f"rescoring {len(scores)} unlabeled after training (s, from train DONE)"] = time.time() - env["trained_at"]
-    assert sorted(scores) == sorted(set(env["unlabeled"]) - {env["labelled_now"]})
+    TIMINGS[f"rescoring {len(scores)} unlabeled after training (s, from train DONE)"] = time.time() - done_at
+    assert sorted(scores) == sorted(set(env["unlabeled"]) - {submitted(env)["id"]})
     wait_for(lambda: task_idle(env["url"], "scoring"), timeout=60, what="scoring task to finish")
 
 
 def test_scoring_on_demand(env):
     # what a client (or cron) calls to rescore every unlabeled image now
+    wait_for(lambda: task_idle(env["url"], "scoring"), timeout=300, what="scoring task to finish")
     t0 = time.time()
     r = requests.post(f"{env['url']}/scoring/segdiff_uncertainty", json={"force": True}, timeout=60)
     assert r.status_code == 200, r.text
@@ -297,8 +351,10 @@ def test_scoring_on_demand(env):
 
 
 def test_next_sample_after_training(env):
-    scores = {i: s for i, (s, _) in unlabeled_scores(env).items()}
-    held = {env["a"], env["b"]}  # still with annotators a and b
+    trained(env)
+    held = set(ids(env))  # still with annotators a and b
+    scores = {i: s for i, (s, _) in wait_for(lambda: scores_current(env), timeout=300, interval=2,
+                                              what="scores of the new model").items()}
     ranked = sorted((i for i in scores if i not in held), key=lambda i: (scores[i], i), reverse=True)
     d = client(env, "annotator-d").next_sample("segdiff_uncertainty", {})
     e = client(env, "annotator-e").next_sample("segdiff_uncertainty", {})
@@ -306,7 +362,7 @@ def test_next_sample_after_training(env):
     assert e["id"] == ranked[1] != d["id"]
     # annotator a asks again: a's previous image is released and skipped; the best free one comes next
     a = client(env, "annotator-a").next_sample("segdiff_uncertainty", {})
-    assert a["id"] not in {env["a"], env["b"], d["id"], e["id"]}
+    assert a["id"] not in held | {d["id"], e["id"]}
 
 
 def test_without_a_model_infer_is_404_not_500(env):
@@ -314,7 +370,7 @@ def test_without_a_model_infer_is_404_not_500(env):
     moved = env["model"].with_suffix(".bak")
     os.replace(env["model"], moved)
     try:
-        r = requests.post(f"{env['url']}/infer/segdiff?image={env['a']}", data={"params": "{}"}, timeout=60)
+        r = requests.post(f"{env['url']}/infer/segdiff?image={env['unlabeled'][0]}", data={"params": "{}"}, timeout=60)
         assert r.status_code == 404, r.text
         assert "no model file" in r.text and "train" in r.text
         assert "segdiff" in client(env, "a").info()["models"]  # still listed: the answer says what to do
