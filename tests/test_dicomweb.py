@@ -214,11 +214,11 @@ def seg_values(seg: pydicom.Dataset, reference: sitk.Image) -> tuple[dict[int, s
     return labels, sitk.GetArrayFromImage(on_grid)
 
 
-def as_model_values(labels: dict[int, str], segments: np.ndarray) -> np.ndarray:
-    """Segment numbers -> the model's value of each segment's label."""
+def as_model_values(labels: dict[int, str], segments: np.ndarray, names: dict[str, int] = MODEL_LABELS) -> np.ndarray:
+    """Segment numbers -> the value of each segment's label in ``names`` (default: the model's)."""
     out = np.zeros(segments.shape, np.uint8)
     for number, name in labels.items():
-        out[segments == number] = MODEL_LABELS[name]
+        out[segments == number] = names[name]
     return out
 
 
@@ -290,18 +290,23 @@ def test_infer_as_dicom_seg(env):
 def test_submitted_label_arrives_in_orthanc_as_dicom_seg(env):
     truth = sitk.ReadImage(str(CHEST_CT / "labels" / "final" / "chest_ct.nii.gz"))  # 1 lung, 2 spine, 3 ribs
     t = sitk.GetArrayFromImage(truth)
-    # an annotator's export from Slicer: segment 1 "lesion" (here: the spine), segment 2 "organ" (the lungs)
+    # an annotator's export from Slicer: segment 1 "lesion" (here: the spine), segment 2 "organ" (the lungs),
+    # segment 3 "ribs", a name the model does not know: kept as a new label of the label set, not dropped
     exported = np.zeros_like(t)
     exported[t == 2] = 1
     exported[t == 1] = 2
+    exported[t == 3] = 3
     submitted = sitk.GetImageFromArray(exported)
     submitted.CopyInformation(truth)
     path = env["root"] / "submitted.nii.gz"
     sitk.WriteImage(submitted, str(path))
     assert not env["orthanc"].find_series(Modality="SEG")
-    label_info = [{"name": "lesion", "idx": 1}, {"name": "organ", "idx": 2}]
+    label_info = [{"name": "lesion", "idx": 1}, {"name": "organ", "idx": 2}, {"name": "ribs", "idx": 3}]
     res = client(env, "annotator-a").save_label(env["series"], str(path), params={"label_info": label_info})
     assert res["image"] == env["series"] and res["remapped"] == {"1": 2, "2": 1}, dump(res)
+    label_set = {**MODEL_LABELS, "ribs": 3}  # the PACS's label set: the model's labels, extended
+    assert res["label_set"] == label_set and res["added"] == {"ribs": 3}, dump(res)
+    assert res["upload_kept"] == f".segdiff/uploads/final/{env['series']}.nii.gz", dump(res)  # in the set's folder
 
     segs = env["orthanc"].find_series(Modality="SEG")
     assert len(segs) == 1 and len(segs[0]["Instances"]) == 1, dump(segs)
@@ -309,11 +314,12 @@ def test_submitted_label_arrives_in_orthanc_as_dicom_seg(env):
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
     assert seg.StudyInstanceUID == env["study"] and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == env["series"]
     labels, segments = seg_values(seg, ct_image(env))
-    assert sorted(labels.values()) == ["lesion", "organ"], labels
+    assert sorted(labels.values()) == ["lesion", "organ", "ribs"], labels
     expected = np.zeros_like(t)
     expected[t == 1] = MODEL_LABELS["organ"]  # the lungs, submitted as "organ"
     expected[t == 2] = MODEL_LABELS["lesion"]
-    np.testing.assert_array_equal(as_model_values(labels, segments), expected)
+    expected[t == 3] = 3  # the ribs, every voxel kept
+    np.testing.assert_array_equal(as_model_values(labels, segments, label_set), expected)
 
     # MONAI Label's copy (what Slicer downloads, and training reads) holds the model's values too
     objects = client(env, "test").datastore()["objects"]
@@ -352,7 +358,7 @@ def test_seg_from_the_pacs_is_read_by_segment_name_on_the_image_grid(env, tmp_pa
 
     dw = DICOMwebClientX(url=f"{env['orthanc'].url}/dicom-web")
     store = DICOMWebDatastore(dw, {"Modality": "CT"}, cache_path=str(tmp_path / "cache"))
-    store = SegDiffDICOMWebDatastore.adopt(store, lambda: dict(MODEL_LABELS))
+    store = SegDiffDICOMWebDatastore.adopt(store, str(tmp_path / "label-set"), lambda: ["organ", "lesion"])
     items = {Path(d["image"]).name.split(".nii")[0]: d["label"] for d in store.datalist()}
     assert sorted(items) == sorted([env["series"], mk.series_uid("chest_ct_other")]), items
     for series, expected in ((mk.series_uid("chest_ct_other"), np.where(t == 1, 2, 0)),
