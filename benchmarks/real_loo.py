@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from monai_segdiff import data
+from monai_segdiff.io import write_json
 from monai_segdiff.labelset import label_names
 from monai_segdiff.segmenter import Segmenter, load_label
 from monai_segdiff.training import new_config, train
@@ -79,7 +80,7 @@ def main() -> None:
                            **fold(items, held_out, labels, network, args.minutes, Path(tmp))}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                    args.output.write_text(json.dumps({"minutes": args.minutes, "rows": rows}, indent=1))
+                    write_json({"minutes": args.minutes, "rows": rows}, args.output)  # atomic: a stopped run keeps its rows
     print(f"\n| task | left-out case | {' | '.join(MODELS)} |\n|---|---|{'---|' * len(MODELS)}")
     for task in dict.fromkeys(r["task"] for r in rows):
         for case in dict.fromkeys(r["case"] for r in rows if r["task"] == task):
