@@ -12,7 +12,8 @@ import SimpleITK as sitk
 
 def present_values(path: str | os.PathLike) -> list[int]:
     """The non-zero values of a label file, ascending."""
-    return [int(v) for v in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))) if v != 0]
+    image = sitk.ReadImage(str(path))  # kept alive while its array view is read (a view of a temporary
+    return [int(v) for v in np.unique(sitk.GetArrayViewFromImage(image)) if v != 0]  # reads freed memory)
 
 
 def seg_label_info(
