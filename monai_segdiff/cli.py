@@ -14,8 +14,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from . import data
 from .al_simulation import add_al_parser, cmd_al_simulate
+from .bench import main_bench
+from .bundle import export_bundle
+from .config import load_checkpoint, parse_augment, parse_postprocess, training_state_path
+from .errors import CheckpointError, CLIError, DataError, InputError
 from .evaluation import TTA_HELP, add_evaluate_parser, cmd_evaluate
+from .io import is_picture, write_json, write_prediction
+from .labelset import label_names
+from .segmenter import Segmenter
+from .tracking import TensorBoardCallback, run_dir
+from .training import new_config, train
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "network": "medsegdiff", "epochs": None, "max_minutes": None, "batch_size": 16, "lr": 1e-3,
@@ -40,8 +52,6 @@ def _floats(text: str) -> list[float]:
 
 
 def _postprocess(text: str) -> list[str]:
-    from .postprocess import parse_postprocess
-
     try:
         return parse_postprocess(text)
     except ValueError as e:
@@ -49,8 +59,6 @@ def _postprocess(text: str) -> list[str]:
 
 
 def _augment(text: str) -> list[str]:
-    from .transforms import parse_augment
-
     try:
         return parse_augment(text)
     except ValueError as e:
@@ -145,10 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class CLIError(Exception):
-    """A user error: printed as one line, exit code 2."""
-
-
 def _train_actions() -> dict[str, argparse.Action]:
     """The ``train`` options by name (what a YAML config may set besides the YAML-only ones)."""
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
@@ -182,8 +186,6 @@ def _yaml_value(name: str, value: Any, action: argparse.Action | None, path: Pat
 
 def _yaml_options(path: Path) -> dict[str, Any]:
     """The options of a YAML config file; ``CLIError`` (one line) for anything unusable."""
-    import yaml
-
     if not path.is_file():
         raise CLIError(f"config file not found: {path}")
     try:
@@ -205,8 +207,6 @@ def _yaml_options(path: Path) -> dict[str, Any]:
 
 def _resumed_options(checkpoint: str) -> dict[str, Any]:
     """The options of the run that wrote ``checkpoint`` (stored in its ``.state`` file)."""
-    from .config import load_checkpoint, training_state_path
-
     state = training_state_path(checkpoint)
     if not Path(checkpoint).is_file():
         raise CLIError(f"checkpoint to resume not found: {checkpoint}")
@@ -232,11 +232,6 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import data
-    from .config import load_checkpoint
-    from .labelset import label_names
-    from .training import new_config, train
-
     o = _train_options(args)
     if o["epochs"] is None and o["max_minutes"] is None:
         o["epochs"] = 10
@@ -289,8 +284,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _tensorboard(o: dict[str, Any]):
     """The TensorBoard writer of a ``train`` run (None for ``--tensorboard none``); its folder is kept in
     the options, so ``--resume`` continues the same curves."""
-    from .tracking import TensorBoardCallback, run_dir
-
     if isinstance(o.get("tensorboard"), str) and o["tensorboard"].strip().lower() == "none":
         return None
     if not o.get("tensorboard"):
@@ -311,10 +304,6 @@ def _extra(o: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from .data import case_id
-    from .io import is_picture, write_json, write_prediction
-    from .segmenter import Segmenter
-
     t0 = time.perf_counter()
     seg = Segmenter.from_checkpoint(
         args.model, num_samples=args.samples, steps=args.steps, seed=args.seed, method=args.method,
@@ -324,7 +313,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     image = args.image[0] if len(args.image) == 1 else args.image  # several files: one per channel
     pred = seg(image)
     out = Path(args.output)
-    name = case_id(image)
+    name = data.case_id(image)
     files = write_prediction(pred.label, pred.uncertainty, out, name, picture=is_picture(args.image[0]), nifti=args.nifti,
                              seg_nrrd=seg.cfg.label_names if args.seg_nrrd else None)
     stats = dict(pred.stats, image=image, model=str(args.model), outputs={k: f.name for k, f in files.items()})
@@ -336,8 +325,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_export_bundle(args: argparse.Namespace) -> int:
-    from .bundle import export_bundle
-
     out = export_bundle(args.model, args.output, name=args.name)
     print(f"MONAI Bundle written to {out}; run it with:\n  python -m monai.bundle run --config_file "
           f"{out}/configs/inference.json --meta_file {out}/configs/metadata.json --bundle_root {out} "
@@ -346,8 +333,6 @@ def cmd_export_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import main_bench
-
     return main_bench(args)
 
 
@@ -358,10 +343,6 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .config import CheckpointError
-    from .data import DataError
-    from .transforms import InputError
-
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import slicerio
 import torch
 from monai.data import ImageReader
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
+
+from .atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +63,6 @@ def _segment_values(segmentation: dict, label_names: Mapping[str, int] | None) -
 
 def segment_names(path: str | Path) -> list[str]:
     """The segment names of a ``.seg.nrrd`` file, in the file's order (header only, no voxels)."""
-    import slicerio
-
     try:
         segmentation = slicerio.read_segmentation(str(path), skip_voxels=True)
     except Exception as e:  # pynrrd raises several types for a broken file
@@ -78,8 +79,6 @@ def read_seg_nrrd(path: str | Path, label_names: Mapping[str, int] | None = None
             values by name and segments of other names are dropped. Without it, or when no name
             matches, the file's own label values are kept.
     """
-    import slicerio
-
     try:
         segmentation = slicerio.read_segmentation(str(path))
     except Exception as e:  # pynrrd raises several types for a broken file
@@ -105,10 +104,6 @@ def write_seg_nrrd(
     """Write a label map ``[1, *spatial]`` / ``[*spatial]`` (2D or 3D, RAS ``affine``) as a Slicer
     segmentation: one segment per foreground entry of ``label_names`` (``{name: value}``), stored with
     that value, named and coloured. Atomic (temp file + rename)."""
-    import slicerio
-
-    from .io import atomic_write
-
     arr = np.asarray(torch.as_tensor(label).detach().cpu())
     two_d = tuple(torch.as_tensor(affine).shape) == (3, 3)
     if arr.ndim == (3 if two_d else 4):  # drop the channel axis
@@ -136,7 +131,7 @@ def write_seg_nrrd(
 
 def _color(value: int) -> list[float]:
     """A distinct colour per label value (matplotlib's ``tab10``)."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # lazy: matplotlib (~0.3 s) only when a file is written
 
     return [round(float(c), 4) for c in colormaps["tab10"]((value - 1) % 10)[:3]]
 

@@ -15,16 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from . import distributed
+from . import ddp
 from .config import SegDiffConfig, load_checkpoint, save_checkpoint, size_divisor, training_state_path
+from .data import split
 from .diffusion.inferer import SegDiffInferer
 from .diffusion.objective import DiffusionObjective, supervised_loss
 from .diffusion.sampler import build_sampler
+from .errors import InputError
+from .io import load_image, load_label
+from .labelset import largest_label
+from .losses import BoundaryWeights
 from .networks import build_network
-from .transforms import InputError, PatchSampler, apply, preprocess_transforms, to_onehot_scaled
+from .transforms import PatchSampler, apply, preprocess_transforms, to_onehot_scaled
 
 
 @dataclass
@@ -44,8 +51,6 @@ class TrainResult:
 def image_spacing(path: str | Sequence[str]) -> tuple[list[float], list[int]]:
     """Voxel spacing and size from the header only (SimpleITK reads no pixels); per-channel files:
     the first one's."""
-    import SimpleITK as sitk
-
     if isinstance(path, (list, tuple)):
         path = path[0]
     reader = sitk.ImageFileReader()
@@ -117,8 +122,6 @@ def _files(path) -> tuple:
 def _ct_window(pairs: tuple, air_hu: float) -> tuple[float, float] | None:
     """The CT window of ``auto_intensity`` for ``((image files), (label files))`` pairs, or None (not
     CT). Remembered: the fine-tune check and a new model's config ask for the same cases in one run."""
-    from .segmenter import load_image, load_label
-
     foreground = []
     for image, label in pairs:
         try:
@@ -157,8 +160,6 @@ def new_config(
     first image: 2D images give a 2D model without slice context. MedSegDiff gets the anchor head
     unless ``extra`` says otherwise: after the same 9 minutes on 300 phantoms it reached validation
     Dice 0.765 against 0.715 without it, at the same iterations per minute (BENCHMARKS.md)."""
-    from .segmenter import load_image
-
     channels = list(channels or ([16, 32, 64, 128] if network == "unet" else SegDiffConfig().channels))
     first = load_image(items[0]["image"])
     image_dims = first.ndim - 1
@@ -198,9 +199,6 @@ def fine_tune_mismatch(cfg: SegDiffConfig, items: Sequence[dict], labels: Sequen
     for a model that does not window CT, get a new model instead: a model made for 1 mm phantoms would
     otherwise see a CT abdomen through 64 mm patches and per-image percentiles.
     """
-    from .labelset import largest_label
-    from .segmenter import load_image
-
     if labels is not None and list(labels) != list(cfg.labels):
         return f"the studies' labels {list(labels)} differ from the model's {cfg.labels}"
     if labels is None:
@@ -225,8 +223,6 @@ def check_labels(items: Sequence[dict], labels: Sequence[str]) -> list[bool]:
     """Read every item's label before training: ``InputError`` if one holds values outside the label
     set (0..K for the K ``labels``) or if none holds any foreground (a model trained on empty labels
     learns to find nothing, and its validation would reward it). Returns per item: has foreground."""
-    from .segmenter import load_label
-
     names = {"background": 0, **{n: i + 1 for i, n in enumerate(labels)}}
     foreground = []
     for item in items:
@@ -252,8 +248,6 @@ def split_validation(items: Sequence[dict], foreground: Sequence[bool], val_frac
     """Train / validation split (``data.split``) that validates only on labels with foreground; the
     empty ones train as negatives. ``InputError`` when validation is asked for and fewer than two
     labels have foreground (one to learn from, one to check the model on)."""
-    from .data import split
-
     positive = [it for it, f in zip(items, foreground) if f]
     negative = [it for it, f in zip(items, foreground) if not f]
     if val_fraction > 0 and len(positive) < 2:
@@ -272,8 +266,6 @@ def load_cases(
     out = []
     it = items
     if progress:
-        from tqdm import tqdm
-
         it = tqdm(items, desc="loading", unit="case", leave=False)
     for item in it:
         keys = ["label"] + ([f"rater{i}" for i in range(len(item.get("raters", [])))] if use_raters else [])
@@ -406,12 +398,12 @@ def train(
     if init_state is not None:
         net.load_state_dict(init_state)
     train_cases = load_cases(train_items, cfg, use_raters=use_raters, progress=progress)
-    val_cases = load_cases(val_items, cfg, progress=progress) if val_items and distributed.is_main() else []
+    val_cases = load_cases(val_items, cfg, progress=progress) if val_items and ddp.is_main() else []
     if not any(bool(lab.any()) for _, lab in train_cases):
         raise InputError("every training label is empty (no foreground voxel): nothing to learn")
     if val_cases and not any(bool(lab[:1].any()) for _, lab in val_cases):
         raise InputError("the validation labels are all empty: no foreground to score the model on")
-    sampler = PatchSampler(train_cases, cfg, seed=seed + distributed.rank())  # DDP: other batches per rank
+    sampler = PatchSampler(train_cases, cfg, seed=seed + ddp.rank())  # DDP: other batches per rank
     objective = DiffusionObjective(cfg, weight_fn=_weight_fn(cfg)) if cfg.is_diffusion else None
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     fine_tune = bool(saved["fine_tune"]) if saved is not None else init_state is not None and resume is None
@@ -436,11 +428,11 @@ def train(
         n_slices = (sum(img.shape[-1] if img.ndim == 4 else 1 for img, _ in train_cases) if cfg.spatial_dims == 2
                     else 8 * len(train_cases))
         iterations_per_epoch = int(min(200, max(20, math.ceil(n_slices / batch_size))))
-    gen = torch.Generator().manual_seed(seed + distributed.rank())
-    if saved is not None and distributed.is_main():  # the state holds rank 0's; other ranks keep their own seeds
+    gen = torch.Generator().manual_seed(seed + ddp.rank())
+    if saved is not None and ddp.is_main():  # the state holds rank 0's; other ranks keep their own seeds
         _set_rng_states(saved["rng"], gen, sampler)
     # the batch loss as one module: DDP (gradients averaged over ranks) inside a process group
-    model = distributed.wrap(net, functools.partial(step_loss, cfg=cfg, objective=objective, generator=gen), device)
+    model = ddp.wrap(net, functools.partial(step_loss, cfg=cfg, objective=objective, generator=gen), device)
     t0 = time.perf_counter()
     deadline = None if max_minutes is None else t0 + 60 * max_minutes
     total = epochs if epochs is not None else 10**9
@@ -459,11 +451,11 @@ def train(
         result.best_dice, result.best_epoch, best_state = float(saved["best_dice"]), int(saved["best_epoch"]), best_saved
 
     def save(state: dict, epoch: int) -> None:
-        if output is not None and distributed.is_main():
+        if output is not None and ddp.is_main():
             save_checkpoint(output, state, cfg, epoch=epoch, step=step, best_dice=result.best_dice)
 
     def save_training_state(epoch: int) -> None:
-        if output is not None and save_state and distributed.is_main():
+        if output is not None and save_state and ddp.is_main():
             save_checkpoint(
                 training_state_path(output), net.state_dict(), cfg, ema=ema.state_dict(), optimizer=opt.state_dict(),
                 scheduler=sched.state_dict(), epoch=epoch, step=step, best_dice=result.best_dice,
@@ -474,8 +466,6 @@ def train(
 
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=None if epochs is None else epochs * iterations_per_epoch, desc="train", unit="it")
     epoch = start_epoch
     for epoch in range(start_epoch + 1, start_epoch + total + 1):
@@ -497,10 +487,10 @@ def train(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if deadline is not None and distributed.any_rank(time.perf_counter() > deadline):
+            if deadline is not None and ddp.any_rank(time.perf_counter() > deadline):
                 break
         result.losses.append(float(np.mean(losses)))
-        stop = deadline is not None and distributed.any_rank(time.perf_counter() > deadline)
+        stop = deadline is not None and ddp.any_rank(time.perf_counter() > deadline)
         last = stop or epoch == start_epoch + total
         dice = float("nan")
         if val_cases and (epoch % val_every == 0 or last):
@@ -512,7 +502,7 @@ def train(
             best_state = {k: v.detach().clone() for k, v in ema.module.state_dict().items()}
             save(best_state, epoch)
         save_training_state(epoch)
-        if callback is not None and distributed.is_main():
+        if callback is not None and ddp.is_main():
             callback({"epoch": epoch, "step": step, "loss": result.losses[-1], "val_dice": dice,
                       "best_dice": result.best_dice, "seconds": time.perf_counter() - t0,
                       "lr": opt.param_groups[0]["lr"]})
@@ -569,8 +559,6 @@ def _weight_fn(cfg: SegDiffConfig):
     """Boundary-aware loss weights (DermoSegDiff) when the config asks for them."""
     if not cfg.extra.get("boundary_loss", cfg.network == "dermosegdiff"):
         return None
-    from .losses import BoundaryWeights
-
     return BoundaryWeights(cfg.train_timesteps, **cfg.extra.get("boundary_loss_args", {}))
 
 

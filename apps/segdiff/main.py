@@ -37,7 +37,7 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.async_tasks.utils import tasks as background_tasks
 
 from monai_segdiff.config import NETWORKS
-from monai_segdiff.transforms import InputError
+from monai_segdiff.errors import InputError
 from monai_segdiff.validation import check_image_file
 
 logger = logging.getLogger(__name__)

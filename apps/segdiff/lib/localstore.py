@@ -37,11 +37,11 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from monai_segdiff.errors import InputError
 from monai_segdiff.io import atomic_write
 from monai_segdiff.io import copy_atomic as _copy_atomic
 from monai_segdiff.labelset import LABELS_FILE, LabelSet, SegmentMapping, extend_label_set, max_label, write_label
 from monai_segdiff.slicer_io import is_seg_nrrd, segment_names
-from monai_segdiff.transforms import InputError
 from monai_segdiff.validation import check_image_file, check_label_file
 
 logger = logging.getLogger(__name__)

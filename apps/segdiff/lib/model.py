@@ -18,9 +18,9 @@ from monai.data import MetaTensor
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
 from monai_segdiff.cache import LRUCache, file_signature
-from monai_segdiff.config import CheckpointError, SegDiffConfig, load_checkpoint
+from monai_segdiff.config import SegDiffConfig, load_checkpoint
+from monai_segdiff.errors import CheckpointError, InputError
 from monai_segdiff.segmenter import Segmenter
-from monai_segdiff.transforms import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -44,9 +44,9 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from monai_segdiff.config import NETWORKS, SegDiffConfig
+from monai_segdiff.errors import InputError
 from monai_segdiff.labelset import LabelSet
 from monai_segdiff.postprocess import parse_postprocess
-from monai_segdiff.transforms import InputError
 
 from ..activelearning.uncertainty import UncertaintyStrategy
 from ..infers.segdiff import SegDiffInfer, SegDiffUncertaintyInfer, truthy

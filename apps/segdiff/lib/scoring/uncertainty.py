@@ -19,7 +19,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from monai_segdiff.busy import lower_priority
-from monai_segdiff.transforms import InputError
+from monai_segdiff.errors import InputError
 
 from ..infers.segdiff import busy_marker, truthy
 from ..model import SegDiffModel, plain

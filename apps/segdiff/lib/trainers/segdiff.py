@@ -33,7 +33,8 @@ from monailabel.utils.others.generic import name_to_device
 
 from monai_segdiff import data as sd_data
 from monai_segdiff import distributed
-from monai_segdiff.config import NETWORKS, CheckpointError, SegDiffConfig, load_checkpoint
+from monai_segdiff.config import NETWORKS, SegDiffConfig, load_checkpoint
+from monai_segdiff.errors import CheckpointError, InputError
 from monai_segdiff.io import copy_atomic, write_json
 from monai_segdiff.labelset import label_names as studies_label_names
 from monai_segdiff.networks import build_network
@@ -47,7 +48,6 @@ from monai_segdiff.training import (
     train,
     validation_dice,
 )
-from monai_segdiff.transforms import InputError
 
 from ..infers.segdiff import devices, truthy
 from ..model import plain
