@@ -54,8 +54,9 @@ from .config import SegDiffConfig, load_checkpoint
 from .io import load_label, write_json
 from .labelset import label_names
 from .networks import build_network
+from .planning import new_config
 from .segmenter import Segmenter
-from .training import load_cases, new_config, train
+from .training import load_cases, train
 from .uncertainty import fuse
 
 __all__ = ["STRATEGIES", "SimulationSettings", "simulate", "label_saving", "add_al_parser", "cmd_al_simulate"]
@@ -144,7 +145,7 @@ class SimulationSettings:
 
 # ------------------------------------------------------------------------------------------ models
 def learner_config(s: SimulationSettings, studies: str | Path, items: Sequence[dict]) -> SegDiffConfig:
-    """The diffusion learner, built as ``segdiff train`` builds a new model (``training.new_config``)."""
+    """The diffusion learner, built as ``segdiff train`` builds a new model (``planning.new_config``)."""
     return new_config(items, label_names(studies, items), network=s.network, channels=s.channels,
                       spacing=s.spacing, roi_size=s.roi_size, prediction_type=s.prediction_type,
                       sample_steps=s.steps, num_samples=s.samples)

@@ -25,9 +25,10 @@ from .errors import CheckpointError, CLIError, DataError, InputError
 from .evaluation import TTA_HELP, add_evaluate_parser, cmd_evaluate
 from .io import is_picture, write_json, write_prediction
 from .labelset import label_names
+from .planning import new_config
 from .segmenter import Segmenter
 from .tracking import TensorBoardCallback, run_dir
-from .training import new_config, train
+from .training import train
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "network": "medsegdiff", "epochs": None, "max_minutes": None, "batch_size": 16, "lr": 1e-3,

@@ -16,8 +16,9 @@ diffusion    diffusion/ (schedule, objective, sampler, inferer)
 uncertainty  uncertainty (fusion, maps, scores), metrics, postprocess, tta
 inference    segmenter (the one inference path: it uses fusion, uncertainty, clean-up and flips,
              so it sits above them rather than beside the diffusion inferer)
-training     ddp (process-group building blocks), training (the loop and the planning of a new
-             model's config), distributed (the multi-process launcher, above the loop)
+training     ddp (process-group building blocks), planning (a new model's config from the data, the
+             fine-tune check), training (the loop), distributed (the multi-process launcher, above
+             the loop)
 faces        cli, bundle, report, evaluation, al_simulation, bench, tracking
 ===========  ==========================================================================================
 
@@ -47,7 +48,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("diffusion", ("diffusion",)),
     ("uncertainty", ("uncertainty", "metrics", "postprocess", "tta")),
     ("inference", ("segmenter",)),
-    ("training", ("ddp", "training", "distributed")),
+    ("training", ("ddp", "planning", "training", "distributed")),
     ("faces", ("cli", "bundle", "report", "evaluation", "al_simulation", "bench", "tracking")),
 ]
 
