@@ -50,7 +50,7 @@ from tqdm import tqdm
 from . import data as data_mod
 from . import metrics
 from . import report as rep
-from .config import SegDiffConfig, load_checkpoint
+from .config import NETWORKS, UNCERTAINTY_KINDS, SegDiffConfig, load_checkpoint
 from .io import load_label, write_json
 from .labelset import label_names
 from .networks import build_network
@@ -429,7 +429,7 @@ def add_al_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("--per-round", type=int, default=1, help="cases labelled per round")
     a.add_argument("--rounds", type=int, default=5)
     a.add_argument("--test-fraction", type=float, default=0.25)
-    a.add_argument("--network", choices=["concat", "medsegdiff", "dermosegdiff", "cimd"], default="medsegdiff")
+    a.add_argument("--network", choices=[n for n in NETWORKS if n != "unet"], default="medsegdiff")
     a.add_argument("--channels", type=_ints)
     a.add_argument("--spacing", type=_floats)
     a.add_argument("--roi-size", type=_ints)
@@ -443,7 +443,7 @@ def add_al_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("--steps", type=int, default=2, help="sampling steps for scoring and testing")
     a.add_argument("--mc-samples", type=int, default=5)
     a.add_argument("--mc-channels", type=_ints, default=[16, 32, 64, 128])
-    a.add_argument("--uncertainty", choices=["entropy", "mutual_information", "variance", "disagreement"],
+    a.add_argument("--uncertainty", choices=UNCERTAINTY_KINDS,
                    help="voxel map the scorers rank by (default: the model's)")
     a.add_argument("--acquisition", choices=ACQUISITIONS, default="top",
                    help="scored strategies: take the top scores (as the app does) or draw with P ~ score^beta")

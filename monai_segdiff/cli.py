@@ -20,7 +20,16 @@ from . import data
 from .al_simulation import add_al_parser, cmd_al_simulate
 from .bench import main_bench
 from .bundle import export_bundle
-from .config import load_checkpoint, parse_augment, parse_postprocess, training_state_path
+from .config import (
+    INTENSITY_MODES,
+    NETWORKS,
+    PREDICTION_TYPES,
+    UNCERTAINTY_KINDS,
+    load_checkpoint,
+    parse_augment,
+    parse_postprocess,
+    training_state_path,
+)
 from .errors import CheckpointError, CLIError, DataError, InputError
 from .evaluation import TTA_HELP, add_evaluate_parser, cmd_evaluate
 from .io import is_picture, write_json, write_prediction
@@ -28,7 +37,7 @@ from .labelset import label_names
 from .planning import new_config
 from .segmenter import Segmenter
 from .tracking import TensorBoardCallback, run_dir
-from .training import train
+from .training import KEEP, LR_SCHEDULES, train
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "network": "medsegdiff", "epochs": None, "max_minutes": None, "batch_size": 16, "lr": 1e-3,
@@ -75,15 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", help="checkpoint file to write (.pt), plus <output>.state for --resume; required")
     t.add_argument("--config", help="YAML file with any of these options, e.g. 'batch_size: 8' (the command line "
                    "overrides it)")
-    t.add_argument("--network", choices=["concat", "medsegdiff", "dermosegdiff", "cimd", "unet"])
+    t.add_argument("--network", choices=NETWORKS)
     t.add_argument("--epochs", type=int)
     t.add_argument("--max-minutes", type=float)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
-    t.add_argument("--lr-schedule", choices=["constant", "cosine"],
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                    help="constant (the default) or cosine: the rate falls to 1%% of --lr by the end of the run "
                    "(--epochs or --max-minutes)")
-    t.add_argument("--keep", choices=["best", "last"],
+    t.add_argument("--keep", choices=KEEP,
                    help="which epoch's weights --output gets: best (the default: best validation Dice) or last "
                    "(e.g. the end of a cosine decay)")
     t.add_argument("--val-split", type=float, help="share of labelled cases held out for validation")
@@ -92,10 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--channels", type=_ints, help="e.g. 32,64,64")
     t.add_argument("--spacing", type=_floats, help="target spacing mm, e.g. 1.5,1.5,-1 (-1 keeps); default: auto")
     t.add_argument("--roi-size", type=_ints, help="training patch size, e.g. 96,96")
-    t.add_argument("--prediction-type", choices=["epsilon", "sample", "v_prediction"])
+    t.add_argument("--prediction-type", choices=PREDICTION_TYPES)
     t.add_argument("--steps", type=int, help="default sampling steps stored in the model")
     t.add_argument("--samples", type=int, help="default ensemble size stored in the model")
-    t.add_argument("--intensity", choices=["percentile", "ct"],
+    t.add_argument("--intensity", choices=INTENSITY_MODES,
                    help="percentile: robust range of each image; ct: one Hounsfield window from the labelled "
                         "voxels (default: ct when every image is CT in HU, else percentile)")
     t.add_argument("--iterations-per-epoch", type=int)
@@ -132,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--steps", type=int)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--method", choices=["ddim", "ddpm"], default="ddim")
-    i.add_argument("--uncertainty", choices=["entropy", "mutual_information", "variance", "disagreement"])
+    i.add_argument("--uncertainty", choices=UNCERTAINTY_KINDS)
     i.add_argument("--postprocess", type=_postprocess,
                    help="clean-up of the fused mask: median,confident_component,largest_component,fill_holes or none "
                    "(default: the model's)")

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from . import data, metrics
 from . import report as rep
 from . import uncertainty as unc
-from .config import SegDiffConfig
+from .config import UNCERTAINTY_KINDS, SegDiffConfig
 from .errors import InputError
 from .io import load_image, load_label, write_json
 from .segmenter import Prediction, Segmenter
@@ -477,7 +477,7 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, help="ensemble size (default: the model's)")
     e.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--uncertainty", choices=["entropy", "mutual_information", "variance", "disagreement"])
+    e.add_argument("--uncertainty", choices=UNCERTAINTY_KINDS)
     e.add_argument("--subset", choices=["all", "val"], default="all",
                    help="'val': only the validation cases of segdiff train's split (same --val-split/--split-seed)")
     e.add_argument("--val-split", type=float, default=0.2)
