@@ -41,15 +41,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-# only the standard library at import time (the ``segdiff`` parser stays instant); torch, MONAI and
-# matplotlib load when the command runs
-if TYPE_CHECKING:
-    import torch
+import numpy as np
+import torch
+from tqdm import tqdm
 
-    from .config import SegDiffConfig
-    from .segmenter import Segmenter
+from . import data as data_mod
+from . import metrics
+from . import report as rep
+from .config import NETWORKS, UNCERTAINTY_KINDS, SegDiffConfig, load_checkpoint
+from .io import load_label, write_json
+from .labelset import label_names
+from .networks import build_network
+from .planning import new_config
+from .segmenter import Segmenter
+from .training import load_cases, train
+from .uncertainty import fuse
+from .values import finite
 
 __all__ = ["STRATEGIES", "SimulationSettings", "simulate", "label_saving", "add_al_parser", "cmd_al_simulate"]
 
@@ -137,10 +146,7 @@ class SimulationSettings:
 
 # ------------------------------------------------------------------------------------------ models
 def learner_config(s: SimulationSettings, studies: str | Path, items: Sequence[dict]) -> SegDiffConfig:
-    """The diffusion learner, built as ``segdiff train`` builds a new model (``training.new_config``)."""
-    from .labelset import label_names
-    from .training import new_config
-
+    """The diffusion learner, built as ``segdiff train`` builds a new model (``planning.new_config``)."""
     return new_config(items, label_names(studies, items), network=s.network, channels=s.channels,
                       spacing=s.spacing, roi_size=s.roi_size, prediction_type=s.prediction_type,
                       sample_steps=s.steps, num_samples=s.samples)
@@ -165,9 +171,6 @@ class _Trainer:
 
     def __call__(self, cfg: SegDiffConfig, items: Sequence[dict], init_state: dict | None, seed: int,
                  first: bool = False) -> tuple[dict, dict]:
-        from .config import load_checkpoint
-        from .training import train
-
         self.count += 1
         out = self.workdir / f"model_{self.count}.pt"
         epochs = self.s.initial_epochs if first and self.s.initial_epochs is not None else self.s.epochs
@@ -182,9 +185,6 @@ class _Trainer:
 
 def _segmenter(cfg: SegDiffConfig, state: dict, samples: int, steps: int | None, seed: int, device: str,
                uncertainty: str | None = None) -> Segmenter:
-    from .networks import build_network
-    from .segmenter import Segmenter
-
     net = build_network(cfg)
     net.load_state_dict(state)
     return Segmenter(net, cfg, num_samples=samples, steps=steps if cfg.is_diffusion else None, seed=seed,
@@ -193,11 +193,6 @@ def _segmenter(cfg: SegDiffConfig, state: dict, samples: int, steps: int | None,
 
 def evaluate_dice(seg: Segmenter, cases: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict:
     """Mean foreground Dice (and per label) of the fused ensemble on preprocessed test cases."""
-    import numpy as np
-
-    from . import metrics
-    from .uncertainty import fuse
-
     k = seg.cfg.num_classes
     per_case = []
     for image, labels in cases:
@@ -214,11 +209,6 @@ def case_scores(seg: Segmenter, items: Sequence[dict]) -> dict[str, dict]:
     """``{id: {"score", "dice"}}``: the case score exactly as the MONAI Label scoring task computes it
     (``Segmenter(image_path).stats["case_score"]``), and, since the simulation knows the hidden label,
     the case's Dice under the same prediction (to check that high scores mark bad cases)."""
-    import numpy as np
-
-    from . import metrics
-    from .segmenter import load_label
-
     out = {}
     k = seg.cfg.num_classes
     for item in items:
@@ -233,8 +223,6 @@ def case_scores(seg: Segmenter, items: Sequence[dict]) -> dict[str, dict]:
 def curves(runs: Sequence[dict], strategies: Sequence[str], label: str | None = None) -> dict[str, dict]:
     """Per strategy: labelled-case counts and mean / std / min / max Dice over the seeds' runs (the
     mean over labels, or one ``label``'s Dice)."""
-    import numpy as np
-
     out = {}
     for name in strategies:
         by_n: dict[int, list[float]] = {}
@@ -264,8 +252,6 @@ def curves(runs: Sequence[dict], strategies: Sequence[str], label: str | None = 
 
 def label_saving(curve_set: dict[str, dict], initial: int) -> dict:
     """How many labels each strategy needs to reach random's final mean Dice (see module doc)."""
-    import numpy as np
-
     summary: dict[str, Any] = {"target_dice": None, "random_final_n": None, "strategies": {}}
     rnd = curve_set.get("random")
     target = final_n = None
@@ -296,15 +282,12 @@ def label_saving(curve_set: dict[str, dict], initial: int) -> dict:
 
 
 def _write(out: Path, result: dict, pictures: bool = True) -> None:
-    from . import report as rep
-    from .io import write_json
-
     c = curves(result["runs"], result["settings"]["strategies"])
     result["curves"] = c
     labels = result.get("learner", {}).get("labels", [])
     result["curves_per_label"] = {n: curves(result["runs"], result["settings"]["strategies"], n) for n in labels}
     result["summary"] = label_saving(c, result["settings"]["initial"])
-    safe = rep.finite(result)
+    safe = finite(result)
     write_json(safe, out / "curves.json")
     write_json(safe["summary"], out / "summary.json")
     if pictures and c:
@@ -340,12 +323,6 @@ def simulate(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Run the simulation; write and return ``curves.json``'s content (see the module doc)."""
-    import numpy as np
-
-    from . import data as data_mod
-    from . import report as rep
-    from .training import load_cases
-
     s = settings
     out = Path(report_dir)
     say = log or (lambda msg: None)
@@ -421,7 +398,7 @@ def simulate(
                     _write(out, result)
     result["seconds"] = time.perf_counter() - t_start
     _write(out, result)
-    return rep.finite(result)
+    return finite(result)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -453,7 +430,7 @@ def add_al_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("--per-round", type=int, default=1, help="cases labelled per round")
     a.add_argument("--rounds", type=int, default=5)
     a.add_argument("--test-fraction", type=float, default=0.25)
-    a.add_argument("--network", choices=["concat", "medsegdiff", "dermosegdiff", "cimd"], default="medsegdiff")
+    a.add_argument("--network", choices=[n for n in NETWORKS if n != "unet"], default="medsegdiff")
     a.add_argument("--channels", type=_ints)
     a.add_argument("--spacing", type=_floats)
     a.add_argument("--roi-size", type=_ints)
@@ -467,7 +444,7 @@ def add_al_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("--steps", type=int, default=2, help="sampling steps for scoring and testing")
     a.add_argument("--mc-samples", type=int, default=5)
     a.add_argument("--mc-channels", type=_ints, default=[16, 32, 64, 128])
-    a.add_argument("--uncertainty", choices=["entropy", "mutual_information", "variance", "disagreement"],
+    a.add_argument("--uncertainty", choices=UNCERTAINTY_KINDS,
                    help="voxel map the scorers rank by (default: the model's)")
     a.add_argument("--acquisition", choices=ACQUISITIONS, default="top",
                    help="scored strategies: take the top scores (as the app does) or draw with P ~ score^beta")
@@ -490,8 +467,6 @@ def cmd_al_simulate(args: argparse.Namespace) -> int:
     )
     log, bar = None, None
     if not args.quiet:  # one line per round above a bar over all rounds (each training keeps quiet)
-        from tqdm import tqdm
-
         bar = tqdm(total=len(settings.seeds) * (1 + len(settings.strategies) * settings.rounds), desc="al-simulate",
                    unit="round")
         log = lambda msg: (bar.write(msg, file=sys.stderr), bar.update(1))  # noqa: E731

@@ -26,8 +26,10 @@ from . import data, metrics
 from .config import SegDiffConfig, load_checkpoint
 from .diffusion.inferer import SegDiffInferer
 from .diffusion.sampler import DiffusionSampler, MCDropoutSampler
+from .io import write_json
 from .networks import build_network
 from .segmenter import Segmenter
+from .training import train
 from .transforms import apply, preprocess_transforms
 
 
@@ -137,8 +139,6 @@ def p3_peak_rss(model: str, shape: tuple[int, int, int], samples: int, spacing: 
 
 def p4_scoring(model: str, cfg: SegDiffConfig, items: list[dict], samples: int, steps: int) -> dict:
     """Unlabelled volumes scored per minute (the app's scoring settings) vs one training epoch."""
-    from .training import train
-
     seg = Segmenter.from_checkpoint(model, num_samples=samples, steps=steps, tta_flips=1)  # as the app scores
     t0 = time.perf_counter()
     for it in items:
@@ -183,8 +183,6 @@ def main_bench(args) -> int:
     result = run(args.model, args.studies, quick=args.quick, samples=args.samples)
     text = json.dumps(result, indent=2)
     if args.output:
-        from .io import write_json
-
         write_json(result, Path(args.output))
     print(text)
     print("\n| metric | value |\n|---|---|")

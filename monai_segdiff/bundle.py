@@ -24,22 +24,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import monai
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from . import __version__
+from .atomic import umask
 from .config import SegDiffConfig, load_checkpoint, save_checkpoint
+from .data import case_id, datalist
+from .errors import BundleError
+from .io import is_picture, write_json, write_prediction
+from .values import flag
 
 __all__ = ["BundleError", "export_bundle", "inference_config", "load_checkpoint", "metadata", "segment_files",
            "with_weights"]
 
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 BUNDLE_VERSION = "0.1.0"
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be written or run as asked (one-line reason)."""
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -57,15 +60,13 @@ def export_bundle(checkpoint: str | os.PathLike, output: str | os.PathLike, name
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        from .io import _umask, write_json
-
         save_checkpoint(tmp / "models" / "model.pt", state, cfg)
         write_json(metadata(cfg, name or f"segdiff_{cfg.network}", rest), tmp / "configs" / "metadata.json")
         write_json(inference_config(cfg), tmp / "configs" / "inference.json")
         (tmp / "docs").mkdir()
         (tmp / "docs" / "README.md").write_text(readme(cfg, name or f"segdiff_{cfg.network}"))
         for path in [tmp, *tmp.rglob("*")]:  # mkdtemp / mkstemp make them private
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
         if out.is_dir():
             out.rmdir()
         os.replace(tmp, out)
@@ -78,8 +79,6 @@ def export_bundle(checkpoint: str | os.PathLike, output: str | os.PathLike, name
 def metadata(cfg: SegDiffConfig, name: str, rest: dict | None = None) -> dict[str, Any]:
     """``configs/metadata.json``: MONAI's bundle metadata (labels in ``channel_def``, which MONAI Label
     reads), plus the model's full config under ``segdiff_config``."""
-    import monai
-
     rest = rest or {}
     classes = {str(v): n for n, v in cfg.label_names.items()}
     spatial = ["*"] * int(getattr(cfg, "image_dims", 3))
@@ -202,8 +201,6 @@ def with_weights(net: nn.Module, state: dict) -> nn.Module:
 
 def _inputs(dataset: str | os.PathLike) -> list[str | list[str]]:
     """The images of a folder (``data.datalist``: one entry per case) or one image file."""
-    from .data import datalist
-
     path = Path(dataset).expanduser()
     if path.is_file():
         return [str(path)]
@@ -212,25 +209,13 @@ def _inputs(dataset: str | os.PathLike) -> list[str | list[str]]:
     return [item["image"] for item in datalist(path, with_raters=False)]
 
 
-def _flag(value: bool | str | int) -> bool:
-    """A command-line flag: ``monai.bundle run --seg_nrrd true`` passes the string ``"true"``."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
-
-
 def segment_files(segmenter, dataset: str | os.PathLike, output_dir: str | os.PathLike,
                   seg_nrrd: bool | str = False, progress: bool | str = True) -> list[dict[str, str]]:
     """Segment every image of ``dataset`` with ``segmenter`` (a ``Segmenter``) and write the outputs of
     ``segdiff infer`` for each to ``output_dir``; returns ``[{kind: path}]`` per image."""
-    from .data import case_id
-    from .io import is_picture, write_json, write_prediction
-
     images: Sequence = _inputs(dataset)
     out = Path(output_dir).expanduser()
-    if _flag(progress):
-        from tqdm import tqdm
-
+    if flag(progress):
         images = tqdm(images, desc="segment", unit="image")
     written = []
     for image in images:
@@ -238,7 +223,7 @@ def segment_files(segmenter, dataset: str | os.PathLike, output_dir: str | os.Pa
         name = case_id(image)
         first = image[0] if isinstance(image, list) else image
         files = write_prediction(pred.label, pred.uncertainty, out, name, picture=is_picture(first),
-                                 seg_nrrd=segmenter.cfg.label_names if _flag(seg_nrrd) else None)
+                                 seg_nrrd=segmenter.cfg.label_names if flag(seg_nrrd) else None)
         files["stats"] = write_json(dict(pred.stats, image=image, outputs={k: f.name for k, f in files.items()}),
                                     out / f"{name}.json")
         written.append({k: str(f) for k, f in files.items()})

@@ -14,8 +14,32 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from . import data
 from .al_simulation import add_al_parser, cmd_al_simulate
+from .bench import main_bench
+from .bundle import export_bundle
+from .config import (
+    INTENSITY_MODES,
+    NETWORKS,
+    PREDICTION_TYPES,
+    UNCERTAINTY_KINDS,
+    load_checkpoint,
+    parse_augment,
+    parse_postprocess,
+    training_state_path,
+)
+from .errors import CheckpointError, CLIError, DataError, InputError
 from .evaluation import TTA_HELP, add_evaluate_parser, cmd_evaluate
+from .io import is_picture, write_json, write_prediction
+from .labelset import label_names
+from .planning import new_config
+from .retrain import RetrainOptions, plan, retrain
+from .segmenter import Segmenter
+from .tracking import TensorBoardCallback, run_dir
+from .training import KEEP, LR_SCHEDULES, train
+from .values import finite
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "network": "medsegdiff", "epochs": None, "max_minutes": None, "batch_size": 16, "lr": 1e-3,
@@ -40,8 +64,6 @@ def _floats(text: str) -> list[float]:
 
 
 def _postprocess(text: str) -> list[str]:
-    from .postprocess import parse_postprocess
-
     try:
         return parse_postprocess(text)
     except ValueError as e:
@@ -49,8 +71,6 @@ def _postprocess(text: str) -> list[str]:
 
 
 def _augment(text: str) -> list[str]:
-    from .transforms import parse_augment
-
     try:
         return parse_augment(text)
     except ValueError as e:
@@ -66,15 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", help="checkpoint file to write (.pt), plus <output>.state for --resume; required")
     t.add_argument("--config", help="YAML file with any of these options, e.g. 'batch_size: 8' (the command line "
                    "overrides it)")
-    t.add_argument("--network", choices=["concat", "medsegdiff", "dermosegdiff", "cimd", "unet"])
+    t.add_argument("--network", choices=NETWORKS)
     t.add_argument("--epochs", type=int)
     t.add_argument("--max-minutes", type=float)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
-    t.add_argument("--lr-schedule", choices=["constant", "cosine"],
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                    help="constant (the default) or cosine: the rate falls to 1%% of --lr by the end of the run "
                    "(--epochs or --max-minutes)")
-    t.add_argument("--keep", choices=["best", "last"],
+    t.add_argument("--keep", choices=KEEP,
                    help="which epoch's weights --output gets: best (the default: best validation Dice) or last "
                    "(e.g. the end of a cosine decay)")
     t.add_argument("--val-split", type=float, help="share of labelled cases held out for validation")
@@ -83,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--channels", type=_ints, help="e.g. 32,64,64")
     t.add_argument("--spacing", type=_floats, help="target spacing mm, e.g. 1.5,1.5,-1 (-1 keeps); default: auto")
     t.add_argument("--roi-size", type=_ints, help="training patch size, e.g. 96,96")
-    t.add_argument("--prediction-type", choices=["epsilon", "sample", "v_prediction"])
+    t.add_argument("--prediction-type", choices=PREDICTION_TYPES)
     t.add_argument("--steps", type=int, help="default sampling steps stored in the model")
     t.add_argument("--samples", type=int, help="default ensemble size stored in the model")
-    t.add_argument("--intensity", choices=["percentile", "ct"],
+    t.add_argument("--intensity", choices=INTENSITY_MODES,
                    help="percentile: robust range of each image; ct: one Hounsfield window from the labelled "
                         "voxels (default: ct when every image is CT in HU, else percentile)")
     t.add_argument("--iterations-per-epoch", type=int)
@@ -127,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--steps", type=int)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--method", choices=["ddim", "ddpm"], default="ddim")
-    i.add_argument("--uncertainty", choices=["entropy", "mutual_information", "variance", "disagreement"])
+    i.add_argument("--uncertainty", choices=UNCERTAINTY_KINDS)
     i.add_argument("--postprocess", type=_postprocess,
                    help="clean-up of the fused mask: median,confident_component,largest_component,fill_holes or none "
                    "(default: the model's)")
@@ -147,10 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output", required=True, help="bundle folder to create (new or empty)")
     x.add_argument("--name", help="bundle name (default segdiff_<network>)")
     return p
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit code 2."""
 
 
 def _train_actions() -> dict[str, argparse.Action]:
@@ -186,8 +202,6 @@ def _yaml_value(name: str, value: Any, action: argparse.Action | None, path: Pat
 
 def _yaml_options(path: Path) -> dict[str, Any]:
     """The options of a YAML config file; ``CLIError`` (one line) for anything unusable."""
-    import yaml
-
     if not path.is_file():
         raise CLIError(f"config file not found: {path}")
     try:
@@ -209,8 +223,6 @@ def _yaml_options(path: Path) -> dict[str, Any]:
 
 def _resumed_options(checkpoint: str) -> dict[str, Any]:
     """The options of the run that wrote ``checkpoint`` (stored in its ``.state`` file)."""
-    from .config import load_checkpoint, training_state_path
-
     state = training_state_path(checkpoint)
     if not Path(checkpoint).is_file():
         raise CLIError(f"checkpoint to resume not found: {checkpoint}")
@@ -236,11 +248,6 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import data
-    from .config import load_checkpoint
-    from .labelset import label_names
-    from .training import new_config, train
-
     o = _train_options(args)
     if o["epochs"] is None and o["max_minutes"] is None:
         o["epochs"] = 10
@@ -295,10 +302,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train_update(o: dict[str, Any], items: list[dict]) -> int:
     """``segdiff train --update MODEL``: the library's retraining policy (``retrain``), as the app's train
     task runs it; prints what it did (start, baseline, best Dice, published or why not)."""
-    from .labelset import label_names
-    from .report import finite
-    from .retrain import RetrainOptions, plan, retrain
-
     if o["init"] or o["resume"]:
         raise CLIError("--update chooses its own start: do not combine it with --init or --resume")
     options = RetrainOptions(epochs=o["epochs"], max_minutes=o["max_minutes"], val_split=o["val_split"],
@@ -320,8 +323,6 @@ def _train_update(o: dict[str, Any], items: list[dict]) -> int:
 def _tensorboard(o: dict[str, Any]):
     """The TensorBoard writer of a ``train`` run (None for ``--tensorboard none``); its folder is kept in
     the options, so ``--resume`` continues the same curves."""
-    from .tracking import TensorBoardCallback, run_dir
-
     if isinstance(o.get("tensorboard"), str) and o["tensorboard"].strip().lower() == "none":
         return None
     if not o.get("tensorboard"):
@@ -342,10 +343,6 @@ def _extra(o: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from .data import case_id
-    from .io import is_picture, write_json, write_prediction
-    from .segmenter import Segmenter
-
     t0 = time.perf_counter()
     seg = Segmenter.from_checkpoint(
         args.model, num_samples=args.samples, steps=args.steps, seed=args.seed, method=args.method,
@@ -355,7 +352,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     image = args.image[0] if len(args.image) == 1 else args.image  # several files: one per channel
     pred = seg(image)
     out = Path(args.output)
-    name = case_id(image)
+    name = data.case_id(image)
     files = write_prediction(pred.label, pred.uncertainty, out, name, picture=is_picture(args.image[0]), nifti=args.nifti,
                              seg_nrrd=seg.cfg.label_names if args.seg_nrrd else None)
     stats = dict(pred.stats, image=image, model=str(args.model), outputs={k: f.name for k, f in files.items()})
@@ -367,8 +364,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_export_bundle(args: argparse.Namespace) -> int:
-    from .bundle import export_bundle
-
     out = export_bundle(args.model, args.output, name=args.name)
     print(f"MONAI Bundle written to {out}; run it with:\n  python -m monai.bundle run --config_file "
           f"{out}/configs/inference.json --meta_file {out}/configs/metadata.json --bundle_root {out} "
@@ -377,8 +372,6 @@ def cmd_export_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import main_bench
-
     return main_bench(args)
 
 
@@ -389,10 +382,6 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .config import CheckpointError
-    from .data import DataError
-    from .transforms import InputError
-
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -1,26 +1,82 @@
-"""One configuration object for model, diffusion and data, stored inside every checkpoint.
+"""One configuration object for model, diffusion and data, stored inside every checkpoint, and the
+option vocabularies it is checked against.
 
 A checkpoint is ``{"model": state_dict, "config": SegDiffConfig.to_dict()}`` and loads with
 ``torch.load(weights_only=True)``: everything here is a plain Python type.
+
+The names an option may take (networks, augmentations, clean-up operations, fusion methods,
+uncertainty maps, the number of test-time flip views) live here, at the bottom of the package, with
+their parsers: the modules that implement the options (``transforms``, ``postprocess``, ``tta``,
+``uncertainty``) import them from here, so checking a config never reaches up into them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import atomic_write
+from .errors import CheckpointError
+
 NETWORKS = ("concat", "medsegdiff", "dermosegdiff", "cimd", "unet")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 INTENSITY_MODES = ("percentile", "ct")
+#: training augmentations, in the order they are applied (``transforms.AUGMENTATIONS`` builds them)
+AUGMENT_OPTIONS = ("flip", "intensity", "noise")
+#: clean-up of the fused mask, in the order it is applied (``postprocess.PostProcess`` runs it)
+POSTPROCESS_OPTIONS = ("median", "confident_component", "largest_component", "fill_holes")
+#: how ensemble members are fused into one label map (``uncertainty.fuse``)
+FUSION_METHODS = ("mean", "vote", "staple")
+#: voxel uncertainty maps (``uncertainty.uncertainty_map``)
+UNCERTAINTY_KINDS = ("entropy", "mutual_information", "variance", "disagreement")
 
 
-class CheckpointError(ValueError):
-    """A file that is not a monai-segdiff checkpoint, or one that cannot be used as asked."""
+def _option_names(value: str | Sequence[str] | None, normalise: Callable[[str], str]) -> list[str]:
+    """``"a,b"`` or a list -> normalised names without empty entries and ``none``."""
+    if value is None:
+        return []
+    names = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    names = [normalise(n) for n in names]
+    return [n for n in names if n and n != "none"]
+
+
+def parse_augment(value: str | Sequence[str] | None) -> list[str]:
+    """``"noise,flip"`` or a list -> augmentation names in ``AUGMENT_OPTIONS`` order; ``""``, ``"none"``
+    or ``None`` -> ``[]``. ``ValueError`` with a one-line reason for an unknown name."""
+    names = _option_names(value, lambda n: n.strip().lower())
+    if unknown := sorted(set(names) - set(AUGMENT_OPTIONS)):
+        raise ValueError(f"unknown augment option(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(AUGMENT_OPTIONS)} or none")
+    return [n for n in AUGMENT_OPTIONS if n in names]
+
+
+def parse_postprocess(value: str | Sequence[str] | None) -> list[str]:
+    """``"fill_holes,median"`` or a list -> the options in application order; ``""``, ``"none"`` or
+    ``None`` -> ``[]``. ``ValueError`` with a one-line reason for an unknown name."""
+    names = _option_names(value, lambda n: n.strip().lower().replace("-", "_"))
+    unknown = sorted(set(names) - set(POSTPROCESS_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"unknown postprocess option(s) {', '.join(unknown)}; choose from {', '.join(POSTPROCESS_OPTIONS)}"
+        )
+    return [n for n in POSTPROCESS_OPTIONS if n in names]
+
+
+def max_tta_flips(spatial_dims: int) -> int:
+    """Distinct test-time mirror views of a ``spatial_dims``-D batch (identity included): 4 in 2D, 8 in 3D."""
+    return 2**spatial_dims
+
+
+def check_tta_flips(spatial_dims: int, count: int) -> None:
+    """``ValueError`` unless ``count`` mirror views exist in ``spatial_dims`` D (1..``max_tta_flips``)."""
+    if not 1 <= count <= max_tta_flips(spatial_dims):
+        raise ValueError(f"tta_flips must be in 1..{max_tta_flips(spatial_dims)} for {spatial_dims}D, got {count}")
 
 
 def size_divisor(channels: list[int], network: str, extra: dict[str, Any]) -> int:
@@ -63,7 +119,7 @@ class SegDiffConfig:
         aux_dice_weight: weight of the auxiliary Dice loss on the predicted x0.
         foreground_fraction: share of training slices/patches centred on foreground.
         augment: training augmentations of each sample (``flip``, ``intensity``, ``noise``; see
-            ``transforms.AUGMENTATIONS``); empty: none.
+            ``AUGMENT_OPTIONS``); empty: none.
         uncertainty: voxel map written by infer (``entropy``, ``mutual_information``, ...).
         fusion: how members are fused into one label map (``mean``, ``vote``, ``staple``).
         anchor_share: share of a deterministic anchor prediction (MedSegDiff's anchor head) in the
@@ -164,10 +220,8 @@ class SegDiffConfig:
         if not 0.0 <= self.anchor_share <= 1.0:
             errors.append(f"anchor_share must be in [0, 1], got {self.anchor_share}")
         if self.spatial_dims in (2, 3):
-            from .tta import flip_views
-
             try:
-                flip_views(self.spatial_dims, self.tta_flips)
+                check_tta_flips(self.spatial_dims, self.tta_flips)
             except ValueError as e:
                 errors.append(str(e))
         if self.image_dims not in (2, 3):
@@ -179,14 +233,10 @@ class SegDiffConfig:
         if len(self.spacing) != 3:
             errors.append("spacing needs 3 values (mm; <= 0 keeps the image's spacing)")
         try:
-            from .postprocess import parse_postprocess
-
             self.postprocess = parse_postprocess(self.postprocess)
         except ValueError as e:
             errors.append(str(e))
         try:
-            from .transforms import parse_augment
-
             self.augment = parse_augment(self.augment)
         except ValueError as e:
             errors.append(str(e))
@@ -217,8 +267,6 @@ class SegDiffConfig:
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict, config: SegDiffConfig, **extra: Any) -> Path:
     """Write ``{"model", "config", **extra}`` atomically (temp file + rename)."""
-    from .io import atomic_write
-
     payload = {"model": {k: v.detach().cpu() for k, v in state_dict.items()}, "config": config.to_dict(), **extra}
     return atomic_write(path, lambda tmp: torch.save(payload, tmp), keep_suffix=False)
 

@@ -42,6 +42,8 @@ import random
 import re
 from pathlib import Path
 
+from .errors import DataError
+
 __all__ = [
     "CHANNELS_FILE",
     "IMAGE_SUFFIXES",
@@ -65,10 +67,6 @@ CHANNELS_FILE = "channels.json"
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: <case>_<4-digit channel>
 NON_RATER_TAGS = (FINAL_TAG, "original")
 _SEGMENTATION_SUFFIX = ".seg.nrrd"
-
-
-class DataError(ValueError):
-    """A studies folder that cannot be used (missing, not a directory, no images)."""
 
 
 def _studies_dir(studies: str | Path) -> Path:

@@ -36,16 +36,21 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-# only the standard library at import time: ``segdiff --help`` and the parser stay instant; torch, MONAI
-# and matplotlib load when a command runs
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
+import numpy as np
+import torch
+from tqdm import tqdm
 
-    from .config import SegDiffConfig
-    from .segmenter import Prediction
+from . import data, metrics
+from . import report as rep
+from . import uncertainty as unc
+from .config import UNCERTAINTY_KINDS, SegDiffConfig
+from .errors import InputError
+from .io import load_image, load_label, write_json
+from .segmenter import Prediction, Segmenter
+from .transforms import apply, preprocess_transforms
+from .values import finite
 
 __all__ = ["AUROC_BINS", "ECE_BINS", "Evaluator", "evaluate", "evaluate_checkpoint", "add_evaluate_parser",
            "cmd_evaluate"]
@@ -57,8 +62,6 @@ ECE_BINS = 10
 
 def _as_label(x: torch.Tensor) -> torch.Tensor:
     """``[1, *spatial]`` or ``[*spatial]`` label image -> int64 ``[*spatial]``."""
-    import torch
-
     t = torch.as_tensor(x)
     if hasattr(t, "as_tensor"):
         t = t.as_tensor()
@@ -75,8 +78,6 @@ def _spacing(img: Any) -> list[float] | None:
 
 
 def _same_grid(a: Any, b: Any) -> bool:
-    import torch
-
     if tuple(a.shape[1:]) != tuple(b.shape[1:]):
         return False
     try:
@@ -86,8 +87,6 @@ def _same_grid(a: Any, b: Any) -> bool:
 
 
 def _nanmean(values: Sequence[float]) -> float:
-    import numpy as np
-
     arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
     arr = arr[np.isfinite(arr)]
     return float(arr.mean()) if len(arr) else math.nan
@@ -97,8 +96,6 @@ class _Pooled:
     """Per-bin counts accumulated over cases: uncertainty vs error and confidence vs accuracy."""
 
     def __init__(self) -> None:
-        import numpy as np
-
         self.errors = np.zeros(AUROC_BINS)
         self.correct = np.zeros(AUROC_BINS)
         self.errors_fg = np.zeros(AUROC_BINS)
@@ -109,8 +106,6 @@ class _Pooled:
 
     @staticmethod
     def _hist(u: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
         idx = (u.clamp(0.0, 1.0) * AUROC_BINS).long().clamp_(max=AUROC_BINS - 1)
         err = torch.bincount(idx[mask], minlength=AUROC_BINS).double().numpy()
         ok = torch.bincount(idx[~mask], minlength=AUROC_BINS).double().numpy()
@@ -125,8 +120,6 @@ class _Pooled:
         self.correct_fg += ok
 
     def add_maps(self, maps: dict, error: torch.Tensor) -> None:
-        import numpy as np
-
         for kind, m in maps.items():
             err, ok = self._hist(m.reshape(-1).float(), error.reshape(-1))
             acc = self.by_map.setdefault(kind, [np.zeros(AUROC_BINS), np.zeros(AUROC_BINS)])
@@ -134,8 +127,6 @@ class _Pooled:
             acc[1] += ok
 
     def add_diagram(self, key: str, diagram: dict) -> None:
-        import numpy as np
-
         acc = self.ece[key]
         count = np.asarray(diagram["count"], dtype=np.float64)
         acc["count"] += count
@@ -143,8 +134,6 @@ class _Pooled:
         acc["acc"] += count * np.asarray([a or 0.0 for a in diagram["accuracy"]])
 
     def diagram(self, key: str) -> tuple[float, dict]:
-        import numpy as np
-
         a = self.ece[key]
         count, total = a["count"], a["count"].sum()
         nonempty = count > 0
@@ -160,8 +149,6 @@ class _Pooled:
         }
 
     def coarse(self) -> dict:
-        import numpy as np
-
         g = AUROC_BINS // PLOT_BINS
         return {
             "bin_edges": [float(e) for e in np.linspace(0.0, 1.0, PLOT_BINS + 1)],
@@ -187,9 +174,6 @@ class Evaluator:
     # -- one case -------------------------------------------------------------------------------
     def working_labels(self, item: dict, pred: Prediction, truth_input: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Truth and rater labels on the grid of ``pred.ensemble`` (the preprocessed grid)."""
-        from .segmenter import load_label
-        from .transforms import InputError, apply, preprocess_transforms
-
         grid = tuple(pred.ensemble.probs.shape[1:])
         raters = list(item.get("raters", []))
         if truth_input.ndim - 1 == 2 or _same_grid(pred.preprocessed, truth_input):
@@ -207,11 +191,6 @@ class Evaluator:
 
     def case(self, item: dict) -> tuple[dict, dict]:
         """Metrics of one labelled item, and the pieces the report pools (histograms, slices)."""
-        from . import metrics
-        from . import uncertainty as unc
-        from .segmenter import load_label
-        from .transforms import InputError
-
         cfg, k = self.cfg, self.cfg.num_classes
         pred = self.segmenter(item["image"])
         t0 = time.perf_counter()
@@ -291,9 +270,6 @@ class Evaluator:
             pictures: bool = True) -> dict:
         """Evaluate ``items`` (each with ``label``), write the report when ``report_dir`` is given,
         return the report dict (JSON-safe)."""
-        from . import report as rep
-        from .transforms import InputError
-
         items = [it for it in items if it.get("label")]
         if not items:
             raise InputError("no labelled case to evaluate (labels go to labels/final/ with the image's name)")
@@ -303,8 +279,6 @@ class Evaluator:
         best = worst = None  # (mean dice, picture data)
         it = items
         if self.progress:
-            from tqdm import tqdm
-
             it = tqdm(items, desc="evaluate", unit="case")
         for item in it:
             record, p = self.case(item)
@@ -376,7 +350,7 @@ class Evaluator:
             "cases": cases,
             "pictures": {},
         }
-        report = rep.finite(report)
+        report = finite(report)
         if report_dir is not None:
             self.write(report, Path(report_dir), best, worst, pictures)
         return report
@@ -384,8 +358,6 @@ class Evaluator:
     def _slice(self, item: dict, p: dict, record: dict, prefer: str) -> dict:
         """One 2D slice of a case for the picture: the slice (last axis) with the most foreground
         (``prefer="fg"``) or the most wrong voxels (``"error"``)."""
-        from .segmenter import load_image
-
         truth, label, u = p["truth"], p["label"], p["u"]
         image = load_image(item["image"])[0].float()
         if truth.ndim == 3:
@@ -400,9 +372,6 @@ class Evaluator:
                 "truth": take(truth), "label": take(label), "u": take(u)}
 
     def write(self, report: dict, out: Path, best, worst, pictures: bool) -> None:
-        from . import report as rep
-        from .io import write_json
-
         out.mkdir(parents=True, exist_ok=True)
         pics: dict[str, str] = {}
         if pictures:
@@ -437,8 +406,6 @@ class Evaluator:
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
-    import torch
-
     return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
 
 
@@ -453,9 +420,6 @@ def select_items(items: list[dict], subset: str = "all", val_split: float = 0.2,
     """Labelled items to evaluate: all, or the validation part of ``segdiff train``'s split (same
     ``val_split`` and seed give the same cases), optionally restricted to ``cases`` ids and the first
     ``max_cases``."""
-    from . import data
-    from .transforms import InputError
-
     items = data.labelled(items)
     if subset == "val":
         items = data.split(items, val_split if len(items) > 1 else 0.0, seed=split_seed)[1]
@@ -494,9 +458,6 @@ def evaluate_checkpoint(
     """``segdiff evaluate`` as a function: load the checkpoint, evaluate the labelled studies, write
     ``report.json``, ``report.html`` and the pictures to ``report_dir``. ``postprocess`` None: the
     model's stored clean-up."""
-    from . import data
-    from .segmenter import Segmenter
-
     seg = Segmenter.from_checkpoint(model, num_samples=samples, steps=steps, seed=seed, device=device,
                                     uncertainty=uncertainty, postprocess=postprocess, tta_flips=tta_flips)
     items = select_items(data.datalist(studies), subset, val_split, split_seed, cases, max_cases)
@@ -517,7 +478,7 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, help="ensemble size (default: the model's)")
     e.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--uncertainty", choices=["entropy", "mutual_information", "variance", "disagreement"])
+    e.add_argument("--uncertainty", choices=UNCERTAINTY_KINDS)
     e.add_argument("--subset", choices=["all", "val"], default="all",
                    help="'val': only the validation cases of segdiff train's split (same --val-split/--split-seed)")
     e.add_argument("--val-split", type=float, default=0.2)

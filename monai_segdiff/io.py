@@ -1,56 +1,45 @@
-"""Atomic writing of images and JSON: a reader never sees a half-written file.
+"""Reading images and labels as the pipeline does, and writing images and JSON atomically: a reader
+never sees a half-written file.
 
 NIfTI for volumes and on request; PNG for 2D label maps (label values 0..K, one gray byte per pixel,
-the layout of ``labels/final``) and for uncertainty heat maps (a matplotlib colour map, RGB).
+the layout of ``labels/final``) and for uncertainty heat maps (a matplotlib colour map, RGB); Slicer
+``.seg.nrrd`` through :mod:`monai_segdiff.slicer_io`. ``atomic_write`` / ``copy_atomic`` live in
+:mod:`monai_segdiff.atomic` (importable from here too).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor, PILWriter
+
+from .atomic import atomic_write, copy_atomic  # noqa: F401  (copy_atomic: importable from here too)
+from .slicer_io import write_seg_nrrd
+from .transforms import binary_255_as_01
+from .validation import read_files
+from .values import affine_4x4
+
+ImageFiles = str | Path | Sequence[str | Path]  # one file, or one file per channel
 
 
-def atomic_write(path: str | Path, write: Callable[[str], object], keep_suffix: bool = True) -> Path:
-    """Write a file through ``write(tmp)`` into a temporary file next to ``path`` (same file system),
-    flush it to disk and rename it over ``path``: readers see the old or the complete new file, never
-    a partial one. The temporary name is hidden (``.<name>.<random>.tmp``) and, with ``keep_suffix``,
-    ends in the file's own suffixes so writers that go by extension pick the right format; a
-    watcher matching ``*.nii.gz`` would see it, so a datastore passes ``keep_suffix=False``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".tmp" + ("".join(path.suffixes) if keep_suffix else "")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs are for others to read too
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+def load_image(path: ImageFiles) -> MetaTensor:
+    """Read an image channel first, float32: any format MONAI's ``LoadImaged`` reads (PNG/JPG through
+    ``PILReader``: RGB -> 3 channels); several files (one per channel, same grid) are stacked as
+    channels. ``InputError`` if missing or unreadable."""
+    return read_files(path, "image")
 
 
-def copy_atomic(src: str | Path, dest: str | Path, keep_suffix: bool = True) -> Path:
-    """Copy ``src`` over ``dest`` atomically (see :func:`atomic_write`)."""
-    return atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp), keep_suffix)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def load_label(path: str | Path, label_names: dict[str, int] | None = None) -> MetaTensor:
+    """Read a label map ``[1, *spatial]`` (pictures keep their pixel values; 0/255 masks -> 0/1; Slicer
+    ``.seg.nrrd`` segments get the values of ``label_names`` by name)."""
+    lab = read_files(path, "label", label_names)
+    return MetaTensor(binary_255_as_01(lab.round().as_tensor()), meta=lab.meta)
 
 
 def write_nifti(array: torch.Tensor | np.ndarray, affine: torch.Tensor | np.ndarray, path: str | Path) -> Path:
@@ -60,12 +49,7 @@ def write_nifti(array: torch.Tensor | np.ndarray, affine: torch.Tensor | np.ndar
         arr = arr[0]
     if arr.dtype == np.float64:
         arr = arr.astype(np.float32)
-    aff = np.asarray(torch.as_tensor(affine).detach().cpu(), dtype=np.float64)
-    if aff.shape == (3, 3):  # 2D affine -> 3D
-        full = np.eye(4)
-        full[:2, :2], full[:2, 3] = aff[:2, :2], aff[:2, 2]
-        aff = full
-    img = nib.Nifti1Image(arr, aff)
+    img = nib.Nifti1Image(arr, affine_4x4(affine))
     img.header.set_xyzt_units("mm")
     return atomic_write(Path(path), lambda tmp: nib.save(img, tmp))
 
@@ -76,8 +60,6 @@ def write_png(array: torch.Tensor | np.ndarray, path: str | Path) -> Path:
     Arrays use MONAI's (x, y) axis order; MONAI's ``PILWriter`` swaps them back, so the PNG matches a
     picture read by ``PILReader`` pixel for pixel.
     """
-    from monai.data import PILWriter
-
     arr = np.asarray(torch.as_tensor(array).detach().cpu())
     if arr.ndim == 2:
         arr = arr[None]
@@ -92,7 +74,7 @@ def write_png(array: torch.Tensor | np.ndarray, path: str | Path) -> Path:
 
 def heatmap_rgb(values: torch.Tensor | np.ndarray, cmap: str = "inferno", vmax: float = 1.0) -> np.ndarray:
     """``[1, X, Y]`` / ``[X, Y]`` values in ``[0, vmax]`` -> ``[3, X, Y]`` uint8 colours of a matplotlib map."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # lazy: matplotlib (~0.3 s) only for 2D heat maps
 
     arr = np.asarray(torch.as_tensor(values).detach().cpu(), dtype=np.float64)
     arr = arr[0] if arr.ndim == 3 and arr.shape[0] == 1 else arr
@@ -138,8 +120,6 @@ def write_prediction(
     if two_d:
         files["heatmap"] = write_heatmap(uncertainty, folder / f"{name}_uncertainty.png", cmap)
     if seg_nrrd is not None:
-        from .slicer_io import write_seg_nrrd
-
         files["seg_nrrd"] = write_seg_nrrd(label, label.affine, folder / f"{name}.seg.nrrd", seg_nrrd)
     return files
 

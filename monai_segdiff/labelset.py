@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 from filelock import FileLock
 
-from .io import atomic_write, write_nifti
-from .slicer_io import is_seg_nrrd, read_seg_nrrd, segment_names
-from .transforms import InputError
+from .atomic import atomic_write
+from .errors import InputError
+from .io import load_label, write_nifti
+from .slicer_io import is_seg_nrrd, read_seg_nrrd
 
 __all__ = [
     "DROPPED_NAMES",
@@ -201,8 +203,6 @@ def write_label(src: str | Path, dest: str | Path, mapping: Mapping[int, int], t
     that image's grid (nearest neighbour, background outside). The file is written in ``tmp_dir`` (same
     file system, outside any watched folder) and renamed over ``dest``: readers see the old or the whole
     new label."""
-    import SimpleITK as sitk
-
     ext = "".join(Path(dest).suffixes) or ".nii.gz"
     fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".segdiff-label-", suffix=ext)
     os.close(fd)
@@ -247,6 +247,4 @@ def largest_label(items: Sequence[dict]) -> int:
 
 def max_label(path: str | Path) -> int:
     """Largest value of a label file (a 0/255 picture mask counts as 0/1)."""
-    from .segmenter import load_label
-
     return int(load_label(path).max())

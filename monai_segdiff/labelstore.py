@@ -27,10 +27,10 @@ from typing import Any
 
 from monai.data import MetaTensor
 
-from .io import atomic_write, copy_atomic
+from .atomic import atomic_write, copy_atomic
+from .errors import InputError
 from .labelset import LABELS_FILE, LabelSet, SegmentMapping, max_label, write_label
 from .slicer_io import is_seg_nrrd, segment_names
-from .transforms import InputError
 from .validation import check_label_file
 
 __all__ = [

@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance
 from torch import Tensor
 
 __all__ = [
@@ -42,8 +43,6 @@ def dice_per_label(pred: Tensor, target: Tensor, num_classes: int) -> list[float
     ``ignore_empty=False`` semantics: when a label is absent from both ``pred`` and ``target`` its Dice is
     1.0 (a correct "nothing here"); absent from only one side gives 0.0.
     """
-    from monai.metrics import compute_dice
-
     scores = []
     for c in range(1, num_classes):
         dice = compute_dice(_channel(pred == c), _channel(target == c), include_background=True, ignore_empty=False)
@@ -61,8 +60,6 @@ def hd95_per_label(
     given, otherwise in voxels. A label absent from both maps scores 0.0; absent from exactly one map the
     distance is undefined and scores ``nan`` (aggregate with ``nanmean`` and report the count).
     """
-    from monai.metrics import compute_hausdorff_distance
-
     scores = []
     for c in range(1, num_classes):
         p, t = pred == c, target == c

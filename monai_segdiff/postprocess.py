@@ -34,30 +34,15 @@ from monai.transforms import FillHoles, KeepLargestConnectedComponent
 from scipy import ndimage
 from torch import Tensor
 
+from .config import POSTPROCESS_OPTIONS, parse_postprocess  # the option names belong to the config
+
 __all__ = ["POSTPROCESS_OPTIONS", "PostProcess", "parse_postprocess"]
 
-POSTPROCESS_OPTIONS = ("median", "confident_component", "largest_component", "fill_holes")
 CANDIDATE_FLOOR = 0.1  # probability above which a voxel belongs to a candidate region
 MIN_PEAK = 0.5  # the highest probability a kept candidate region needs
 # the mean probability it needs: 0.45 rather than 0.5, as test-time flips average the views' answers
 # into lower means (420 fresh phantoms: lesion Dice +0.013 with two views, level with one; session 11)
 MIN_MEAN = 0.45
-
-
-def parse_postprocess(value: str | Sequence[str] | None) -> list[str]:
-    """``"fill_holes,median"`` or a list -> the options in application order; ``""``, ``"none"`` or
-    ``None`` -> ``[]``. ``ValueError`` with a one-line reason for an unknown name."""
-    if value is None:
-        return []
-    names = value.split(",") if isinstance(value, str) else [str(v) for v in value]
-    names = [n.strip().lower().replace("-", "_") for n in names]
-    names = [n for n in names if n and n != "none"]
-    unknown = sorted(set(names) - set(POSTPROCESS_OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"unknown postprocess option(s) {', '.join(unknown)}; choose from {', '.join(POSTPROCESS_OPTIONS)}"
-        )
-    return [n for n in POSTPROCESS_OPTIONS if n in names]
 
 
 class PostProcess:

@@ -27,20 +27,12 @@ from typing import Any
 
 from monai.utils import str2bool
 
-from .config import NETWORKS, CheckpointError, SegDiffConfig, load_checkpoint
-from .io import copy_atomic
+from .atomic import copy_atomic
+from .config import NETWORKS, SegDiffConfig, load_checkpoint
+from .errors import CheckpointError, InputError
 from .networks import build_network
-from .training import (
-    TrainResult,
-    check_labels,
-    fine_tune_mismatch,
-    load_cases,
-    new_config,
-    split_validation,
-    train,
-    validation_dice,
-)
-from .transforms import InputError
+from .planning import fine_tune_mismatch, new_config
+from .training import TrainResult, check_labels, load_cases, split_validation, train, validation_dice
 
 __all__ = ["RetrainOptions", "RetrainRun", "Start", "Publisher", "choose_start", "baseline_dice", "keep_replaced",
            "plan", "retrain"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,13 +20,12 @@ from . import uncertainty as unc
 from .config import SegDiffConfig, load_checkpoint
 from .diffusion.inferer import EnsembleOutput, SegDiffInferer
 from .diffusion.sampler import build_sampler
+from .errors import InputError
+from .io import ImageFiles, load_image, load_label  # noqa: F401  (load_label: importable from here too)
 from .networks import build_network
 from .postprocess import PostProcess
-from .transforms import InputError, apply, binary_255_as_01, destination_slabs, preprocess_transforms
+from .transforms import apply, destination_slabs, preprocess_transforms
 from .tta import flip_views, with_flips
-from .validation import read_files
-
-ImageFiles = str | Path | Sequence[str | Path]  # one file, or one file per channel
 
 
 @dataclass
@@ -40,20 +38,6 @@ class Prediction:
     ensemble: EnsembleOutput
     preprocessed: MetaTensor
     stats: dict = field(default_factory=dict)
-
-
-def load_image(path: ImageFiles) -> MetaTensor:
-    """Read an image channel first, float32: any format MONAI's ``LoadImaged`` reads (PNG/JPG through
-    ``PILReader``: RGB -> 3 channels); several files (one per channel, same grid) are stacked as
-    channels. ``InputError`` if missing or unreadable."""
-    return read_files(path, "image")
-
-
-def load_label(path: str | Path, label_names: dict[str, int] | None = None) -> MetaTensor:
-    """Read a label map ``[1, *spatial]`` (pictures keep their pixel values; 0/255 masks -> 0/1; Slicer
-    ``.seg.nrrd`` segments get the values of ``label_names`` by name)."""
-    lab = read_files(path, "label", label_names)
-    return MetaTensor(binary_255_as_01(lab.round().as_tensor()), meta=lab.meta)
 
 
 def check_image(img: MetaTensor, cfg: SegDiffConfig) -> None:

@@ -21,8 +21,8 @@ from monai.data import MetaTensor
 
 from .cache import LRUCache, file_signature
 from .config import CheckpointError, SegDiffConfig, load_checkpoint
-from .report import finite
 from .segmenter import Segmenter
+from .values import finite
 
 __all__ = ["ServedModel", "CachedPrediction", "ModelMissing", "ModelUnusable", "ImageMissing", "model_ts"]
 

@@ -14,9 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import slicerio
 import torch
 from monai.data import ImageReader
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
+
+from .atomic import atomic_write
+from .values import affine_4x4
 
 logger = logging.getLogger(__name__)
 
@@ -27,15 +31,6 @@ LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse: RAS <-> LPS
 def is_seg_nrrd(path: str | Path) -> bool:
     """A Slicer segmentation file name."""
     return str(path).lower().endswith(SEG_NRRD)
-
-
-def _affine_4x4(affine: torch.Tensor | np.ndarray) -> np.ndarray:
-    aff = np.asarray(torch.as_tensor(affine).detach().cpu(), dtype=np.float64)
-    if aff.shape == (3, 3):  # a 2D affine: the image is one slice thick
-        full = np.eye(4)
-        full[:2, :2], full[:2, 3] = aff[:2, :2], aff[:2, 2]
-        return full
-    return aff
 
 
 def _segment_values(segmentation: dict, label_names: Mapping[str, int] | None) -> list[tuple[str, int]]:
@@ -60,8 +55,6 @@ def _segment_values(segmentation: dict, label_names: Mapping[str, int] | None) -
 
 def segment_names(path: str | Path) -> list[str]:
     """The segment names of a ``.seg.nrrd`` file, in the file's order (header only, no voxels)."""
-    import slicerio
-
     try:
         segmentation = slicerio.read_segmentation(str(path), skip_voxels=True)
     except Exception as e:  # pynrrd raises several types for a broken file
@@ -78,8 +71,6 @@ def read_seg_nrrd(path: str | Path, label_names: Mapping[str, int] | None = None
             values by name and segments of other names are dropped. Without it, or when no name
             matches, the file's own label values are kept.
     """
-    import slicerio
-
     try:
         segmentation = slicerio.read_segmentation(str(path))
     except Exception as e:  # pynrrd raises several types for a broken file
@@ -105,10 +96,6 @@ def write_seg_nrrd(
     """Write a label map ``[1, *spatial]`` / ``[*spatial]`` (2D or 3D, RAS ``affine``) as a Slicer
     segmentation: one segment per foreground entry of ``label_names`` (``{name: value}``), stored with
     that value, named and coloured. Atomic (temp file + rename)."""
-    import slicerio
-
-    from .io import atomic_write
-
     arr = np.asarray(torch.as_tensor(label).detach().cpu())
     two_d = tuple(torch.as_tensor(affine).shape) == (3, 3)
     if arr.ndim == (3 if two_d else 4):  # drop the channel axis
@@ -126,7 +113,7 @@ def write_seg_nrrd(
     ]
     segmentation: dict[str, Any] = {
         "voxels": arr.astype(np.uint8 if top <= 255 else np.uint16),
-        "ijkToLPS": LPS_FROM_RAS @ _affine_4x4(affine),
+        "ijkToLPS": LPS_FROM_RAS @ affine_4x4(affine),
         "segments": segments,
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
@@ -136,7 +123,7 @@ def write_seg_nrrd(
 
 def _color(value: int) -> list[float]:
     """A distinct colour per label value (matplotlib's ``tab10``)."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # lazy: matplotlib (~0.3 s) only when a file is written
 
     return [round(float(c), 4) for c in colormaps["tab10"]((value - 1) % 10)[:3]]
 

@@ -50,6 +50,7 @@ class TensorBoardCallback:
     """
 
     def __init__(self, log_dir: str | os.PathLike, then: Callable[[dict], None] | None = None) -> None:
+        # lazy: tensorboard (protobuf, event writers) loads only for a run that logs to it
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)

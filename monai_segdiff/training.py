@@ -7,8 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,14 +15,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from . import distributed
-from .config import SegDiffConfig, load_checkpoint, save_checkpoint, size_divisor, training_state_path
+from . import ddp
+from .config import SegDiffConfig, load_checkpoint, save_checkpoint, training_state_path
+from .data import split
 from .diffusion.inferer import SegDiffInferer
 from .diffusion.objective import DiffusionObjective, supervised_loss
 from .diffusion.sampler import build_sampler
+from .errors import InputError
+from .io import load_label
+from .losses import BoundaryWeights
 from .networks import build_network
-from .transforms import InputError, PatchSampler, apply, preprocess_transforms, to_onehot_scaled
+from .planning import (  # noqa: F401  (the planning of a new model, importable from here as before)
+    _ct_window,
+    auto_intensity,
+    auto_roi,
+    auto_spacing,
+    fine_tune_mismatch,
+    image_spacing,
+    new_config,
+)
+from .transforms import PatchSampler, apply, preprocess_transforms, to_onehot_scaled
 
 
 @dataclass
@@ -41,192 +53,10 @@ class TrainResult:
     val_dice: list[float] = field(default_factory=list)
 
 
-def image_spacing(path: str | Sequence[str]) -> tuple[list[float], list[int]]:
-    """Voxel spacing and size from the header only (SimpleITK reads no pixels); per-channel files:
-    the first one's."""
-    import SimpleITK as sitk
-
-    if isinstance(path, (list, tuple)):
-        path = path[0]
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    return list(reader.GetSpacing()), list(reader.GetSize())
-
-
-def auto_spacing(items: Sequence[dict], spatial_dims: int = 2, max_size: int = 256) -> list[float]:
-    """nnU-Net-like target spacing: the median spacing of the training images, coarsened where the
-    median field of view would exceed ``max_size`` voxels. 2D mode keeps each slice's own spacing
-    along the slice axis (-1)."""
-    spacings, sizes = [], []
-    for it in items:
-        try:
-            sp, sz = image_spacing(it["image"])
-        except Exception:  # a format without a header reader: leave it to the data
-            continue
-        if len(sp) >= 3:
-            spacings.append(sp[:3])
-            sizes.append(sz[:3])
-    if not spacings:
-        return [-1.0, -1.0, -1.0]
-    med = [statistics.median(s[i] for s in spacings) for i in range(3)]
-    fov = [statistics.median(s[i] * z[i] for s, z in zip(spacings, sizes)) for i in range(3)]
-    out = [round(max(m, f / max_size), 3) for m, f in zip(med, fov)]
-    if spatial_dims == 2:
-        out[2] = -1.0
-    return out
-
-
-def auto_roi(items: Sequence[dict], spatial_dims: int = 2, divisor: int = 8, largest: int = 96) -> list[int]:
-    """Training patch size: the median image size (voxels), capped at ``largest`` and rounded up to
-    a multiple of ``divisor``, so small images are not padded to a large patch."""
-    sizes = []
-    for it in items:
-        try:
-            sizes.append(image_spacing(it["image"])[1][:3])
-        except Exception:  # unreadable header: the default below
-            continue
-    if not sizes:
-        return [largest] * spatial_dims
-    med = [statistics.median(s[i] for s in sizes) for i in range(spatial_dims)]
-    return [int(math.ceil(min(m, largest) / divisor) * divisor) for m in med]
-
-
-def auto_intensity(items: Sequence[dict], max_cases: int = 8, air_hu: float = -500.0) -> dict:
-    """Intensity normalisation chosen from the labelled training cases (nnU-Net's rule for CT).
-
-    CT (every sampled single-channel image reaches ``air_hu`` or below, as air and the scanner's
-    padding do in Hounsfield units): a fixed window ``ct_window`` from the 0.5 and 99.5 percentiles of
-    the labelled (foreground) voxels of up to ``max_cases`` cases, so soft tissue keeps its contrast
-    instead of sharing [-1, 1] with air and bone, the same on every scanner. Anything else (MRI,
-    pictures, mixed or rescaled data): per-image robust percentiles, ``{"intensity": "percentile"}``.
-    """
-    labelled = [it for it in items if it.get("label")]
-    picks = labelled[:: max(1, math.ceil(len(labelled) / max_cases))][:max_cases]
-    window = _ct_window(tuple((_files(it["image"]), _files(it["label"])) for it in picks), air_hu)
-    return {"intensity": "ct", "ct_window": list(window)} if window else {"intensity": "percentile"}
-
-
-def _files(path) -> tuple:
-    """``((file, mtime), ...)`` of one path or one path per channel: a key that changes with the files."""
-    paths = [path] if isinstance(path, (str, Path)) else list(path)
-    return tuple((str(p), os.path.getmtime(p) if os.path.isfile(p) else -1.0) for p in paths)
-
-
-@functools.lru_cache(maxsize=8)
-def _ct_window(pairs: tuple, air_hu: float) -> tuple[float, float] | None:
-    """The CT window of ``auto_intensity`` for ``((image files), (label files))`` pairs, or None (not
-    CT). Remembered: the fine-tune check and a new model's config ask for the same cases in one run."""
-    from .segmenter import load_image, load_label
-
-    foreground = []
-    for image, label in pairs:
-        try:
-            img = load_image([f for f, _ in image])
-            lab = load_label(label[0][0])
-        except Exception:  # unreadable here: leave it to training, which reports it clearly
-            return None
-        if img.shape[0] != 1 or img.ndim != 4 or float(img.min()) > air_hu:
-            return None
-        if lab.shape[1:] == img.shape[1:]:
-            foreground.append(img[0][lab[0] > 0].float())
-    values = torch.cat(foreground) if foreground else torch.empty(0)
-    if values.numel() < 100:
-        return None
-    if values.numel() > 2**24:  # quantile's input limit; a strided subset has the same percentiles
-        values = values[:: math.ceil(values.numel() / 2**24)]
-    lo, hi = (float(v) for v in torch.quantile(values, torch.tensor([0.005, 0.995])))
-    if hi - lo < 1.0:
-        lo, hi = lo - 50.0, hi + 50.0
-    return round(lo, 1), round(hi, 1)
-
-
-def new_config(
-    items: Sequence[dict],
-    labels: Sequence[str],
-    network: str = "medsegdiff",
-    spatial_dims: int = 2,
-    channels: Sequence[int] | None = None,
-    spacing: Sequence[float] | None = None,
-    roi_size: Sequence[int] | None = None,
-    **overrides,
-) -> SegDiffConfig:
-    """The config of a new model for ``items``: the library's default widths (MONAI's UNet family
-    for the baseline), no attention, spacing, patch size and intensity normalisation chosen from the
-    data (``intensity`` None: ``auto_intensity``). Image channels and dimensionality come from the
-    first image: 2D images give a 2D model without slice context. MedSegDiff gets the anchor head
-    unless ``extra`` says otherwise: after the same 9 minutes on 300 phantoms it reached validation
-    Dice 0.765 against 0.715 without it, at the same iterations per minute (BENCHMARKS.md)."""
-    from .segmenter import load_image
-
-    channels = list(channels or ([16, 32, 64, 128] if network == "unet" else SegDiffConfig().channels))
-    first = load_image(items[0]["image"])
-    image_dims = first.ndim - 1
-    if image_dims == 2 and spatial_dims != 2:
-        raise ValueError(f"the images are 2D ({items[0].get('id', items[0]['image'])}): use spatial_dims 2")
-    context = overrides.pop("context", 1)
-    if network == "medsegdiff":
-        extra = dict(overrides.pop("extra", None) or {})
-        extra["medsegdiff"] = {"anchor": True, **extra.get("medsegdiff", {})}
-        overrides["extra"] = extra
-    if overrides.get("intensity") is None:
-        overrides.pop("intensity", None)
-        overrides = {**auto_intensity(items), **overrides}
-    elif overrides["intensity"] == "ct" and "ct_window" not in overrides:  # CT asked for: the data's window
-        overrides["ct_window"] = auto_intensity(items).get("ct_window", SegDiffConfig().ct_window)
-    return SegDiffConfig(
-        labels=list(labels), network=network, spatial_dims=spatial_dims, image_dims=image_dims,
-        context=context if spatial_dims == 2 and image_dims == 3 else 0,
-        channels=channels, attention_levels=[False] * len(channels),
-        norm_num_groups=16 if all(c % 16 == 0 for c in channels) else 8,
-        spacing=list(spacing or auto_spacing(items, spatial_dims)),
-        roi_size=list(roi_size or auto_roi(items, spatial_dims, size_divisor(channels, network, overrides.get("extra") or {}))),
-        image_channels=int(first.shape[0]),
-        **overrides,
-    )
-
-
-def fine_tune_mismatch(cfg: SegDiffConfig, items: Sequence[dict], labels: Sequence[str] | None = None,
-                       spacing_tolerance: float = 1.5) -> str | None:
-    """Why the model of ``cfg`` should not be fine-tuned on ``items`` (None: it can be).
-
-    ``labels``: the studies' declared foreground names (``labels.json``) or None, when only the label
-    values are known (their largest value must then not exceed the model's label count). Beyond the
-    labels, a model keeps its own grid and patch size when fine-tuned, so images whose automatic
-    spacing (``auto_spacing``) differs from the model's by more than ``spacing_tolerance`` times on an
-    axis, with another channel count or dimensionality, or CT in Hounsfield units (``auto_intensity``)
-    for a model that does not window CT, get a new model instead: a model made for 1 mm phantoms would
-    otherwise see a CT abdomen through 64 mm patches and per-image percentiles.
-    """
-    from .labelset import largest_label
-    from .segmenter import load_image
-
-    if labels is not None and list(labels) != list(cfg.labels):
-        return f"the studies' labels {list(labels)} differ from the model's {cfg.labels}"
-    if labels is None:
-        top = largest_label(items)
-        if top > len(cfg.labels):
-            return f"the labels go up to {top}, the model has {len(cfg.labels)} foreground label(s)"
-    first = load_image(items[0]["image"])
-    if first.shape[0] != cfg.image_channels or first.ndim - 1 != cfg.image_dims:
-        return (f"the images have {first.shape[0]} channel(s) and {first.ndim - 1} dimensions, the model "
-                f"{cfg.image_channels} and {cfg.image_dims}")
-    if cfg.image_dims == 3:
-        wanted = auto_spacing(items, cfg.spatial_dims)
-        for axis, (a, b) in enumerate(zip(wanted, cfg.spacing)):
-            if a > 0 and b > 0 and max(a / b, b / a) > spacing_tolerance:
-                return f"the images' spacing {wanted} mm is far from the model's {cfg.spacing} mm (axis {axis})"
-    if cfg.intensity != "ct" and auto_intensity(items)["intensity"] == "ct":  # reads images only if it matters
-        return f"the images are CT in Hounsfield units, the model normalises by {cfg.intensity}"
-    return None
-
-
 def check_labels(items: Sequence[dict], labels: Sequence[str]) -> list[bool]:
     """Read every item's label before training: ``InputError`` if one holds values outside the label
     set (0..K for the K ``labels``) or if none holds any foreground (a model trained on empty labels
     learns to find nothing, and its validation would reward it). Returns per item: has foreground."""
-    from .segmenter import load_label
-
     names = {"background": 0, **{n: i + 1 for i, n in enumerate(labels)}}
     foreground = []
     for item in items:
@@ -252,8 +82,6 @@ def split_validation(items: Sequence[dict], foreground: Sequence[bool], val_frac
     """Train / validation split (``data.split``) that validates only on labels with foreground; the
     empty ones train as negatives. ``InputError`` when validation is asked for and fewer than two
     labels have foreground (one to learn from, one to check the model on)."""
-    from .data import split
-
     positive = [it for it, f in zip(items, foreground) if f]
     negative = [it for it, f in zip(items, foreground) if not f]
     if val_fraction > 0 and len(positive) < 2:
@@ -272,8 +100,6 @@ def load_cases(
     out = []
     it = items
     if progress:
-        from tqdm import tqdm
-
         it = tqdm(items, desc="loading", unit="case", leave=False)
     for item in it:
         keys = ["label"] + ([f"rater{i}" for i in range(len(item.get("raters", [])))] if use_raters else [])
@@ -406,12 +232,12 @@ def train(
     if init_state is not None:
         net.load_state_dict(init_state)
     train_cases = load_cases(train_items, cfg, use_raters=use_raters, progress=progress)
-    val_cases = load_cases(val_items, cfg, progress=progress) if val_items and distributed.is_main() else []
+    val_cases = load_cases(val_items, cfg, progress=progress) if val_items and ddp.is_main() else []
     if not any(bool(lab.any()) for _, lab in train_cases):
         raise InputError("every training label is empty (no foreground voxel): nothing to learn")
     if val_cases and not any(bool(lab[:1].any()) for _, lab in val_cases):
         raise InputError("the validation labels are all empty: no foreground to score the model on")
-    sampler = PatchSampler(train_cases, cfg, seed=seed + distributed.rank())  # DDP: other batches per rank
+    sampler = PatchSampler(train_cases, cfg, seed=seed + ddp.rank())  # DDP: other batches per rank
     objective = DiffusionObjective(cfg, weight_fn=_weight_fn(cfg)) if cfg.is_diffusion else None
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     fine_tune = bool(saved["fine_tune"]) if saved is not None else init_state is not None and resume is None
@@ -436,11 +262,11 @@ def train(
         n_slices = (sum(img.shape[-1] if img.ndim == 4 else 1 for img, _ in train_cases) if cfg.spatial_dims == 2
                     else 8 * len(train_cases))
         iterations_per_epoch = int(min(200, max(20, math.ceil(n_slices / batch_size))))
-    gen = torch.Generator().manual_seed(seed + distributed.rank())
-    if saved is not None and distributed.is_main():  # the state holds rank 0's; other ranks keep their own seeds
+    gen = torch.Generator().manual_seed(seed + ddp.rank())
+    if saved is not None and ddp.is_main():  # the state holds rank 0's; other ranks keep their own seeds
         _set_rng_states(saved["rng"], gen, sampler)
     # the batch loss as one module: DDP (gradients averaged over ranks) inside a process group
-    model = distributed.wrap(net, functools.partial(step_loss, cfg=cfg, objective=objective, generator=gen), device)
+    model = ddp.wrap(net, functools.partial(step_loss, cfg=cfg, objective=objective, generator=gen), device)
     t0 = time.perf_counter()
     deadline = None if max_minutes is None else t0 + 60 * max_minutes
     total = epochs if epochs is not None else 10**9
@@ -459,11 +285,11 @@ def train(
         result.best_dice, result.best_epoch, best_state = float(saved["best_dice"]), int(saved["best_epoch"]), best_saved
 
     def save(state: dict, epoch: int) -> None:
-        if output is not None and distributed.is_main():
+        if output is not None and ddp.is_main():
             save_checkpoint(output, state, cfg, epoch=epoch, step=step, best_dice=result.best_dice)
 
     def save_training_state(epoch: int) -> None:
-        if output is not None and save_state and distributed.is_main():
+        if output is not None and save_state and ddp.is_main():
             save_checkpoint(
                 training_state_path(output), net.state_dict(), cfg, ema=ema.state_dict(), optimizer=opt.state_dict(),
                 scheduler=sched.state_dict(), epoch=epoch, step=step, best_dice=result.best_dice,
@@ -474,8 +300,6 @@ def train(
 
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=None if epochs is None else epochs * iterations_per_epoch, desc="train", unit="it")
     epoch = start_epoch
     for epoch in range(start_epoch + 1, start_epoch + total + 1):
@@ -497,10 +321,10 @@ def train(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if deadline is not None and distributed.any_rank(time.perf_counter() > deadline):
+            if deadline is not None and ddp.any_rank(time.perf_counter() > deadline):
                 break
         result.losses.append(float(np.mean(losses)))
-        stop = deadline is not None and distributed.any_rank(time.perf_counter() > deadline)
+        stop = deadline is not None and ddp.any_rank(time.perf_counter() > deadline)
         last = stop or epoch == start_epoch + total
         dice = float("nan")
         if val_cases and (epoch % val_every == 0 or last):
@@ -512,7 +336,7 @@ def train(
             best_state = {k: v.detach().clone() for k, v in ema.module.state_dict().items()}
             save(best_state, epoch)
         save_training_state(epoch)
-        if callback is not None and distributed.is_main():
+        if callback is not None and ddp.is_main():
             callback({"epoch": epoch, "step": step, "loss": result.losses[-1], "val_dice": dice,
                       "best_dice": result.best_dice, "seconds": time.perf_counter() - t0,
                       "lr": opt.param_groups[0]["lr"]})
@@ -569,8 +393,6 @@ def _weight_fn(cfg: SegDiffConfig):
     """Boundary-aware loss weights (DermoSegDiff) when the config asks for them."""
     if not cfg.extra.get("boundary_loss", cfg.network == "dermosegdiff"):
         return None
-    from .losses import BoundaryWeights
-
     return BoundaryWeights(cfg.train_timesteps, **cfg.extra.get("boundary_loss_args", {}))
 
 

@@ -37,13 +37,9 @@ from monai.transforms import (
 from monai.data import MetaTensor, PILReader
 from monai.utils import convert_to_tensor, ensure_tuple_rep
 
-from .config import SegDiffConfig
+from .config import SegDiffConfig, parse_augment  # noqa: F401  (parse_augment: importable from here too)
+from .errors import InputError
 from .slicer_io import SegNrrdReader
-
-
-class InputError(ValueError):
-    """An image or label that cannot be used, with a one-line reason."""
-
 
 MAX_VOXELS = 2**27  # values of an input file (e.g. 512 x 512 x 512): larger files are refused unread
 MAX_WORKING_VOXELS = 2**26  # voxels x channels after resampling to the model's spacing
@@ -305,26 +301,13 @@ def _intensity_augmentation() -> Compose:
     ])
 
 
-#: name -> builder of a MONAI image transform (``flip`` is handled by the sampler: image and label)
+#: name (``config.AUGMENT_OPTIONS``) -> builder of a MONAI image transform (``flip`` is handled by the
+#: sampler: image and label)
 AUGMENTATIONS = {
     "flip": None,
     "intensity": _intensity_augmentation,
     "noise": lambda: RandGaussianNoise(prob=0.15, std=0.05),
 }
-
-
-def parse_augment(value: str | Sequence[str] | None) -> list[str]:
-    """``"noise,flip"`` or a list -> augmentation names in ``AUGMENTATIONS`` order; ``""``, ``"none"``
-    or ``None`` -> ``[]``. ``ValueError`` with a one-line reason for an unknown name."""
-    if value is None:
-        return []
-    names = value.split(",") if isinstance(value, str) else [str(v) for v in value]
-    names = [n.strip().lower() for n in names]
-    names = [n for n in names if n and n != "none"]
-    if unknown := sorted(set(names) - set(AUGMENTATIONS)):
-        raise ValueError(f"unknown augment option(s) {', '.join(unknown)}; choose from "
-                         f"{', '.join(AUGMENTATIONS)} or none")
-    return [n for n in AUGMENTATIONS if n in names]
 
 
 def _pad_to(x: torch.Tensor, size: Sequence[int], value: float) -> torch.Tensor:

@@ -19,14 +19,15 @@ from collections.abc import Callable
 
 import torch
 
+from .config import check_tta_flips
+
 Members = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def flip_views(spatial_dims: int, count: int) -> list[tuple[int, ...]]:
     """The first ``count`` of the ``2 ** spatial_dims`` mirror views, as axes counted from the end of
     a ``[B, C, *spatial]`` batch: the identity, then single axes (in-plane first), then pairs, ..."""
-    if not 1 <= count <= 2**spatial_dims:
-        raise ValueError(f"tta_flips must be in 1..{2 ** spatial_dims} for {spatial_dims}D, got {count}")
+    check_tta_flips(spatial_dims, count)  # the rule lives with the config's options
     axes = [-spatial_dims + i for i in range(spatial_dims)]  # 2D: (-2, -1); 3D: (-3, -2, -1)
     views = [c for r in range(spatial_dims + 1) for c in itertools.combinations(axes, r)]
     return views[:count]

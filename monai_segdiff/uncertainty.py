@@ -24,9 +24,11 @@ import math
 from collections.abc import Iterator
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from torch import Tensor
 
+from .config import FUSION_METHODS, UNCERTAINTY_KINDS  # the option names belong to the config
 from .diffusion.inferer import class_argmax
 
 __all__ = [
@@ -41,9 +43,6 @@ __all__ = [
     "case_score",
     "label_statistics",
 ]
-
-FUSION_METHODS = ("mean", "vote", "staple")
-UNCERTAINTY_KINDS = ("entropy", "mutual_information", "variance", "disagreement")
 
 
 def _num_classes(probs: Tensor | None, samples: Tensor | None, num_classes: int | None) -> int:
@@ -89,8 +88,6 @@ def _staple(samples: Tensor, num_classes: int) -> Tensor:
     posterior is > 0.5); multi-class problems use ``MultiLabelSTAPLEImageFilter`` (Rohlfing et al.,
     2004), whose undecided voxels are filled by majority vote.
     """
-    import SimpleITK as sitk
-
     if bool((samples == samples[0]).all()):
         return samples[0].long().clone()  # unanimous: STAPLE's estimate is degenerate but the answer is not
     arr = samples.cpu().numpy()

@@ -13,11 +13,14 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import nibabel as nib
+import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
-from .transforms import MAX_VOXELS, InputError, binary_255_as_01, load_transforms, same_grid
+from .errors import InputError
+from .transforms import MAX_VOXELS, binary_255_as_01, load_transforms, same_grid
 
 __all__ = ["MAX_VOXELS", "check_image_file", "check_image_size", "check_label_file", "header_shape", "read_files", "same_grid"]
 
@@ -28,11 +31,7 @@ def header_shape(path: str | Path) -> tuple[int, ...] | None:
     name = str(path).lower()
     try:
         if name.endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
             return tuple(int(s) for s in nib.load(str(path)).shape)
-        import SimpleITK as sitk
-
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()

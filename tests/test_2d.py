@@ -20,9 +20,9 @@ from PIL import Image
 from monai_segdiff import data, metrics
 from monai_segdiff.cli import main
 from monai_segdiff.config import load_checkpoint
-from monai_segdiff.io import heatmap_rgb
+from monai_segdiff.io import heatmap_rgb, load_image, load_label
 from monai_segdiff.networks import build_network
-from monai_segdiff.segmenter import Segmenter, load_image, load_label
+from monai_segdiff.segmenter import Segmenter
 from monai_segdiff.training import new_config
 from monai_segdiff.transforms import apply, preprocess_transforms
 

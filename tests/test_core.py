@@ -7,14 +7,15 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from monai_segdiff.config import CheckpointError, SegDiffConfig, load_checkpoint, save_checkpoint
+from monai_segdiff.config import SegDiffConfig, load_checkpoint, save_checkpoint
 from monai_segdiff.diffusion.inferer import SegDiffInferer, context_slices
 from monai_segdiff.diffusion.objective import DiffusionObjective
 from monai_segdiff.diffusion.sampler import DiffusionSampler, trailing_timesteps
+from monai_segdiff.errors import CheckpointError, InputError
 from monai_segdiff.networks import build_network
 from monai_segdiff.networks.medsegdiff import FFParser
 from monai_segdiff.segmenter import Segmenter
-from monai_segdiff.transforms import InputError, from_onehot_scaled, to_onehot_scaled
+from monai_segdiff.transforms import from_onehot_scaled, to_onehot_scaled
 
 
 def tiny(network: str = "medsegdiff", spatial_dims: int = 2, **kw) -> SegDiffConfig:

@@ -319,9 +319,10 @@ def test_patch_sampler_augmentation_keeps_image_and_label_aligned() -> None:
     """Flips move image and label together; intensity changes touch the image only; one seed replays."""
     import torch
 
-    from monai_segdiff.config import SegDiffConfig
-    from monai_segdiff.transforms import PatchSampler
+    from monai_segdiff.config import AUGMENT_OPTIONS, SegDiffConfig
+    from monai_segdiff.transforms import AUGMENTATIONS, PatchSampler
 
+    assert tuple(AUGMENTATIONS) == AUGMENT_OPTIONS  # every option the config accepts has a builder, in order
     gen = torch.Generator().manual_seed(0)
     label = (torch.rand(1, 40, 36, 12, generator=gen) > 0.7).float()
     image = label * 2 - 1  # the image is the label: any misaligned flip would show

@@ -362,7 +362,7 @@ def test_seg_from_the_pacs_is_read_by_segment_name_on_the_image_grid(env, tmp_pa
     items = {Path(d["image"]).name.split(".nii")[0]: d["label"] for d in store.datalist()}
     assert sorted(items) == sorted([env["series"], mk.series_uid("chest_ct_other")]), items
     for series, expected in ((mk.series_uid("chest_ct_other"), np.where(t == 1, 2, 0)),
-                             (env["series"], np.select([t == 1, t == 2], [1, 2], 0))):
+                             (env["series"], np.select([t == 1, t == 2, t == 3], [1, 2, 3], 0))):  # ribs: new
         label = sitk.ReadImage(items[series])
         assert_same_grid(label, ct_image(env))
         np.testing.assert_array_equal(sitk.GetArrayFromImage(label), expected)

@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from monai_segdiff.errors import InputError
 from monai_segdiff.labelset import LABELS_FILE, LabelSet, extend_label_set, label_names, remap_values, write_label
-from monai_segdiff.transforms import InputError
 
 
 def test_new_names_extend_the_set_and_values_are_stable_across_saves(tmp_path):

@@ -16,7 +16,7 @@ from fastapi import HTTPException
 
 from monai_segdiff import labelstore as store
 from monai_segdiff.labelset import LabelSet
-from monai_segdiff.transforms import InputError
+from monai_segdiff.errors import InputError
 from monai_segdiff.validation import check_image_file
 
 SegDiffLocalDatastore = app_module("lib.localstore").SegDiffLocalDatastore

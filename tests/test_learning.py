@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from monai_segdiff import data, metrics
+from monai_segdiff.io import load_image
 from monai_segdiff.networks import build_network
-from monai_segdiff.segmenter import Segmenter, load_image
+from monai_segdiff.segmenter import Segmenter
 from monai_segdiff.training import new_config, train
 
 PHANTOMS = Path(__file__).resolve().parents[1] / "sample-data" / "phantoms"

@@ -19,8 +19,9 @@ from conftest import REPO
 from monai_segdiff import data, metrics
 from monai_segdiff.cli import main
 from monai_segdiff.config import load_checkpoint
-from monai_segdiff.segmenter import Segmenter, load_image, load_label
-from monai_segdiff.transforms import InputError
+from monai_segdiff.errors import InputError
+from monai_segdiff.io import load_image, load_label
+from monai_segdiff.segmenter import Segmenter
 
 MULTI = REPO / "sample-data" / "multimodal"
 CHANNELS = ["flair", "t1ce", "t2"]

@@ -23,7 +23,8 @@ import torch
 from conftest import PHANTOMS, app_module, wait_for
 
 from monai_segdiff.cli import main
-from monai_segdiff.config import CheckpointError, load_checkpoint, save_checkpoint
+from monai_segdiff.config import load_checkpoint, save_checkpoint
+from monai_segdiff.errors import CheckpointError
 
 _localstore = app_module("lib.localstore")
 SegDiffLocalDatastore, copy_atomic, write_text_atomic = (

@@ -19,7 +19,7 @@ from monai_segdiff import data
 from monai_segdiff.cli import main
 from monai_segdiff.labelset import label_names
 from monai_segdiff.retrain import Publisher, RetrainOptions, choose_start
-from monai_segdiff.transforms import InputError
+from monai_segdiff.errors import InputError
 
 
 def sha(path) -> str:

@@ -93,7 +93,7 @@ def test_seg_nrrd_labels_in_a_studies_folder_train_like_nifti(tmp_path):
     for (img_a, lab_a), (img_b, lab_b) in zip(from_slicer, from_nifti):
         assert torch.equal(img_a, img_b) and torch.equal(lab_a, lab_b)
     # evaluate / al-simulate read reference labels on the input grid the same way
-    from monai_segdiff.segmenter import load_label
+    from monai_segdiff.io import load_label
 
     for it in items:
         truth = np.asarray(nib.load(PHANTOMS / "labels" / "final" / f"{it['id']}.nii.gz").dataobj)

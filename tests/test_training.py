@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from monai_segdiff.training import check_labels, pooled_dice, split_validation
-from monai_segdiff.transforms import InputError
+from monai_segdiff.errors import InputError
 
 
 def test_empty_prediction_of_an_empty_reference_is_no_score():

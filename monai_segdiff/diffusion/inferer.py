@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer, sliding_window_inference
 from torch import nn
+from tqdm import tqdm
 
 # ``(net, image_batch [B, C, ...], num_samples, generator) -> member probabilities [N, B, K, ...]``, or
 # ``(member probabilities, anchor probabilities [B, K, ...] or None)``
@@ -153,8 +154,6 @@ class SegDiffInferer(Inferer):
         per_batch = max(1, self.max_batch_pixels // (self.n * h * w))
         starts = range(0, d, per_batch)
         if self.progress:
-            from tqdm import tqdm
-
             starts = tqdm(starts, desc="slices", unit="batch", leave=False)
         for z0 in starts:
             z1 = min(d, z0 + per_batch)

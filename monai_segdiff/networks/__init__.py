@@ -12,6 +12,7 @@ import math
 from torch import nn
 
 from ..config import SegDiffConfig
+from . import registry  # the seed-paper variants, built by name
 from .concat import ConcatDenoiser
 from .unet import BaselineUNet
 
@@ -30,8 +31,6 @@ def build_network(cfg: SegDiffConfig) -> nn.Module:
             norm_num_groups=cfg.norm_num_groups,
             num_head_channels=math.gcd(cfg.num_head_channels, cfg.channels[-1]),
         )
-    from . import registry  # seed-paper variants register themselves there
-
     return registry.build(cfg, **common)
 
 

@@ -7,21 +7,18 @@ from typing import Any
 from torch import nn
 
 from ..config import SegDiffConfig
+from .cimd import CIMD
+from .dermosegdiff import DermoSegDiff
+from .medsegdiff import MedSegDiff
 
 
 def build(cfg: SegDiffConfig, **common: Any) -> nn.Module:
     """Build ``cfg.network`` with the shared arguments ``spatial_dims, image_channels, num_classes``."""
     kw = dict(common, channels=cfg.channels, norm_num_groups=cfg.norm_num_groups)
     if cfg.network == "medsegdiff":
-        from .medsegdiff import MedSegDiff
-
         return MedSegDiff(**kw, **cfg.extra.get("medsegdiff", {}))
     if cfg.network == "dermosegdiff":
-        from .dermosegdiff import DermoSegDiff
-
         return DermoSegDiff(**kw, **cfg.extra.get("dermosegdiff", {}))
     if cfg.network == "cimd":
-        from .cimd import CIMD
-
         return CIMD(**kw, **cfg.extra.get("cimd", {}))
     raise ValueError(f"unknown network {cfg.network!r}")

@@ -13,7 +13,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
 from monai_segdiff.retrain import RetrainOptions
-from monai_segdiff.transforms import InputError
+from monai_segdiff.errors import InputError
 from monai_segdiff.validation import check_image_file
 
 from .labels import present_values, seg_label_info

@@ -36,12 +36,12 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from monai_segdiff import labelstore as store
-from monai_segdiff.io import atomic_write
-from monai_segdiff.io import copy_atomic as _copy_atomic
+from monai_segdiff.atomic import atomic_write
+from monai_segdiff.atomic import copy_atomic as _copy_atomic
 from monai_segdiff.labelset import LABELS_FILE, LabelSet, extend_label_set
 from monai_segdiff.labelstore import LabelConflict
 from monai_segdiff.slicer_io import is_seg_nrrd
-from monai_segdiff.transforms import InputError
+from monai_segdiff.errors import InputError
 from monai_segdiff.validation import check_image_file
 
 from .guards import check_id, check_tag

@@ -10,7 +10,7 @@ import contextlib
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
 from monai_segdiff.served import CachedPrediction, ImageMissing, ModelMissing, ModelUnusable, ServedModel, model_ts
-from monai_segdiff.transforms import InputError
+from monai_segdiff.errors import InputError
 
 __all__ = ["SegDiffModel", "CachedPrediction", "model_ts", "SegDiffAppError", "ModelNotFoundError",
            "ImageNotFoundError", "BadImageError", "BadModelError"]

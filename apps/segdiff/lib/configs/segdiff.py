@@ -43,12 +43,12 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from monai_segdiff.config import NETWORKS, SegDiffConfig
+from monai_segdiff.errors import InputError
 from monai_segdiff.labelset import LabelSet
 from monai_segdiff.postprocess import parse_postprocess
-from monai_segdiff.transforms import InputError
+from monai_segdiff.values import flag
 
 from ..activelearning.uncertainty import UncertaintyStrategy
-from ..infers.options import truthy
 from ..infers.segdiff import SegDiffInfer
 from ..infers.segdiff_uncertainty import SegDiffUncertaintyInfer
 from ..model import SegDiffModel
@@ -111,7 +111,7 @@ class SegDiffTaskConfig(TaskConfig):
         else:  # the studies' own model, the shipped model until training publishes one: never overwritten
             self.path, self.base = studies_model_path(self.studies, name), self.shipped
         self.device = self.option("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.preload = truthy(self.option("preload"))
+        self.preload = flag(self.option("preload"))
         tta_flips = self.number("tta_flips", int)
         if not 0 <= tta_flips <= 8:
             raise ConfError(f"--conf tta_flips must be 0 (the model's) or 1..8, got {tta_flips}")

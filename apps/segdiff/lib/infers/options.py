@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from monailabel.interfaces.exception import MONAILabelError
 from monailabel.utils.others.generic import device_list, file_ext
@@ -57,13 +56,6 @@ def check_device(device: Any) -> str:
     return str(device)
 
 
-def truthy(value: Any) -> bool:
-    """``True``, ``"true"``, ``"1"``, ``1`` ... -> True; anything else (incl. None, "") -> False."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
-
-
 def busy_marker(model: SegDiffModel) -> BusyMarker:
     """The marker interactive infers of ``model`` hold and its scoring waits on: keyed by the model's own
     path, which the server and its scoring subprocess compute alike from the same ``--conf``."""
@@ -79,14 +71,6 @@ def image_dims(model: SegDiffModel) -> int:
     """MONAI Label's ``dimension`` of the served model: 2 if it was trained on 2D images, else 3."""
     cfg = model.config()
     return cfg.image_dims if cfg is not None else 3
-
-
-def affine_2d_to_3d(affine: np.ndarray) -> np.ndarray:
-    """A 2D image's 3x3 affine as the 4x4 affine of a one-slice volume: MONAI Label's writer drops the
-    affine of a 2D result, so a 2D NIfTI / NRRD answer is written as one slice on the image's grid."""
-    full = np.eye(4)
-    full[:2, :2], full[:2, 3] = affine[:2, :2], affine[:2, 2]
-    return full
 
 
 def result_extension(image: str) -> str:

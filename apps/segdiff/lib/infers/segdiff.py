@@ -22,13 +22,12 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from monai_segdiff.io import is_picture
-from monai_segdiff.report import finite
+from monai_segdiff.values import affine_4x4, finite
 
 from ..model import CachedPrediction, ImageNotFoundError, SegDiffModel
 from .options import (
     MAX_SAMPLES,
     MAX_STEPS,
-    affine_2d_to_3d,
     busy_marker,
     check_device,
     count_option,
@@ -112,7 +111,7 @@ class SegDiffInfer(BasicInferTask):
         data["result"] = finite(self.result_json(pred, cached))
         out, affine = self.output(pred, data), pred.affine
         if out.ndim == 2 and not is_picture(image):  # MONAI Label's writer drops a 2D result's geometry
-            out, affine = out[..., None], affine_2d_to_3d(affine) if affine.shape == (3, 3) else affine
+            out, affine = out[..., None], affine_4x4(affine)
         data["pred_meta_dict"] = {"affine": affine}
         data[self.output_label_key] = out
         return data

@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 
 from monai_segdiff.io import is_picture
+from monai_segdiff.values import flag
 
 from ..model import CachedPrediction, SegDiffModel
-from .options import BadOptionError, truthy
+from .options import BadOptionError
 from .segdiff import SegDiffInfer
 
 
@@ -56,7 +57,7 @@ class SegDiffUncertaintyInfer(SegDiffInfer):
         t = self.threshold(data)
         mask = u > t
         voxel_ml = abs(float(np.linalg.det(pred.affine[:3, :3]))) / 1000.0
-        output_map = truthy(data.get("output_map"))
+        output_map = flag(data.get("output_map"))
         if output_map and is_picture(f"x{data.get('result_extension', '')}"):
             data["result_extension"] = ".nii.gz"  # a float map does not fit in a PNG
         data["result"].update(

@@ -19,10 +19,10 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from monai_segdiff.busy import lower_priority
-from monai_segdiff.report import finite
-from monai_segdiff.transforms import InputError
+from monai_segdiff.errors import InputError
+from monai_segdiff.values import finite, flag
 
-from ..infers.options import busy_marker, truthy
+from ..infers.options import busy_marker
 from ..model import SegDiffModel
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class UncertaintyScoring(ScoringMethod):
         steps = int(request.get("steps") or self.steps)
         device = request.get("device") or None
         device = device[0] if isinstance(device, list) else device
-        force = truthy(request.get("force"))
+        force = flag(request.get("force"))
         if self.background and self._lowered is None:  # once per process: it cannot be undone
             self._lowered = lower_priority()
             logger.info(f"segdiff_uncertainty: background priority {self._lowered}")

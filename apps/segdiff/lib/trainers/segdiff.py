@@ -32,11 +32,11 @@ from monai_segdiff import distributed
 from monai_segdiff.config import NETWORKS
 from monai_segdiff.io import write_json
 from monai_segdiff.labelset import label_names as studies_label_names
-from monai_segdiff.report import finite
+from monai_segdiff.values import finite
 from monai_segdiff.retrain import RetrainOptions, plan, retrain
 from monai_segdiff.tracking import TRACKING, tracker
 from monai_segdiff.training import TrainResult
-from monai_segdiff.transforms import InputError
+from monai_segdiff.errors import InputError
 
 from ..infers.options import devices
 
