@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import inspect
 import json
 import sys
 import time
@@ -25,6 +26,7 @@ from .config import (
     NETWORKS,
     PREDICTION_TYPES,
     UNCERTAINTY_KINDS,
+    SegDiffConfig,
     load_checkpoint,
     parse_augment,
     parse_postprocess,
@@ -40,12 +42,16 @@ from .tracking import TensorBoardCallback, run_dir
 from .training import KEEP, LR_SCHEDULES, train
 from .values import finite
 
+# the library's defaults (one source): a new model's config, train()'s run options, the retraining policy
+_CONFIG = SegDiffConfig()
+_TRAIN = {k: p.default for k, p in inspect.signature(train).parameters.items()}
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "network": "medsegdiff", "epochs": None, "max_minutes": None, "batch_size": 16, "lr": 1e-3,
-    "lr_schedule": "constant", "keep": "best", "val_split": 0.2,
-    "spatial_dims": 2, "context": 1, "channels": None, "spacing": None, "roi_size": None,
-    "prediction_type": "sample", "steps": 4, "samples": 5, "intensity": None, "seed": 0,
-    "init": None, "resume": None, "iterations_per_epoch": None, "device": "cpu", "use_raters": None,
+    "network": _CONFIG.network, "epochs": None, "max_minutes": None, "batch_size": _TRAIN["batch_size"],
+    "lr": _TRAIN["lr"], "lr_schedule": _TRAIN["lr_schedule"], "keep": _TRAIN["keep"],
+    "val_split": RetrainOptions.val_split, "spatial_dims": _CONFIG.spatial_dims, "context": _CONFIG.context,
+    "channels": None, "spacing": None, "roi_size": None, "prediction_type": _CONFIG.prediction_type,
+    "steps": _CONFIG.sample_steps, "samples": _CONFIG.num_samples, "intensity": None, "seed": _TRAIN["seed"],
+    "init": None, "resume": None, "iterations_per_epoch": None, "device": _TRAIN["device"], "use_raters": None,
     "anchor": None, "boundary_loss": None, "extra": None,
     "studies": None, "output": None, "postprocess": None, "tta_flips": None, "quiet": False, "tensorboard": None,
     "augment": None, "update": None,
