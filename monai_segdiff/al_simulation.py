@@ -32,10 +32,8 @@ and of the labels added after the initial set (``fraction_of_added_labels``).
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -45,12 +43,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import data as data_mod
 from . import metrics
 from . import report as rep
-from .config import NETWORKS, UNCERTAINTY_KINDS, SegDiffConfig, load_checkpoint
+from .config import SegDiffConfig, load_checkpoint
 from .io import load_label, write_json
 from .labelset import label_names
 from .networks import build_network
@@ -60,7 +57,7 @@ from .training import load_cases, train
 from .uncertainty import fuse
 from .values import finite
 
-__all__ = ["STRATEGIES", "SimulationSettings", "simulate", "label_saving", "add_al_parser", "cmd_al_simulate"]
+__all__ = ["STRATEGIES", "ACQUISITIONS", "SimulationSettings", "simulate", "label_saving", "summary_text"]
 
 STRATEGIES = ("random", "segdiff_uncertainty", "mc_dropout")
 ACQUISITIONS = ("top", "power")
@@ -388,7 +385,7 @@ def simulate(
                              "picked": picked, **dice, **info, "score_s": score_s}
                     if scores:
                         entry["pool_scores"] = scores
-                        entry["pool_spearman_score_vs_dice"] = rep.spearman(
+                        entry["pool_spearman_score_vs_dice"] = metrics.spearman(
                             [v["score"] for v in scores.values()], [v["dice"] for v in scores.values()])
                         entry["picked_dice"] = [scores[i]["dice"] for i in picked]
                         entry["pool_mean_dice"] = float(np.mean([v["dice"] for v in scores.values()]))
@@ -402,83 +399,6 @@ def simulate(
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def _seeds(text: str) -> list[int]:
-    """Seeds from ``0,1,2`` or the range ``0-2``."""
-    if "-" in text.strip()[1:]:
-        lo, hi = text.split("-", 1)
-        return list(range(int(lo), int(hi) + 1))
-    return _ints(text)
-
-
-def add_al_parser(sub) -> argparse.ArgumentParser:
-    """Add ``segdiff al-simulate`` to the ``segdiff`` sub-parsers."""
-    a = sub.add_parser("al-simulate", help="simulate active learning on a labelled studies folder")
-    a.add_argument("--studies", required=True, help="studies folder where every case is labelled")
-    a.add_argument("--report", required=True, help="output folder (curves.json, curves.png, summary.json)")
-    a.add_argument("--strategies", default="random,segdiff_uncertainty,mc_dropout",
-                   help=f"comma-separated, of {', '.join(STRATEGIES)}")
-    a.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-2")
-    a.add_argument("--initial", type=int, default=2, help="labelled cases at the start")
-    a.add_argument("--per-round", type=int, default=1, help="cases labelled per round")
-    a.add_argument("--rounds", type=int, default=5)
-    a.add_argument("--test-fraction", type=float, default=0.25)
-    a.add_argument("--network", choices=[n for n in NETWORKS if n != "unet"], default="medsegdiff")
-    a.add_argument("--channels", type=_ints)
-    a.add_argument("--spacing", type=_floats)
-    a.add_argument("--roi-size", type=_ints)
-    a.add_argument("--epochs", type=int, help="training epochs per round (default 2)")
-    a.add_argument("--initial-epochs", type=int, help="epochs of round 0 (from scratch)")
-    a.add_argument("--iterations-per-epoch", type=int, default=20)
-    a.add_argument("--max-minutes", type=float, help="training minutes per round (instead of, or capping, epochs)")
-    a.add_argument("--batch-size", type=int, default=8)
-    a.add_argument("--lr", type=float, default=1e-3)
-    a.add_argument("--samples", type=int, default=3, help="ensemble size for scoring and testing")
-    a.add_argument("--steps", type=int, default=2, help="sampling steps for scoring and testing")
-    a.add_argument("--mc-samples", type=int, default=5)
-    a.add_argument("--mc-channels", type=_ints, default=[16, 32, 64, 128])
-    a.add_argument("--uncertainty", choices=UNCERTAINTY_KINDS,
-                   help="voxel map the scorers rank by (default: the model's)")
-    a.add_argument("--acquisition", choices=ACQUISITIONS, default="top",
-                   help="scored strategies: take the top scores (as the app does) or draw with P ~ score^beta")
-    a.add_argument("--power-beta", type=float, default=1.0, help="beta of --acquisition power")
-    a.add_argument("--device", default="cpu")
-    a.add_argument("--quiet", action="store_true")
-    return a
-
-
-def cmd_al_simulate(args: argparse.Namespace) -> int:
-    epochs = args.epochs if args.epochs is not None else (None if args.max_minutes is not None else 2)
-    settings = SimulationSettings(
-        strategies=args.strategies.split(","), seeds=_seeds(args.seeds), initial=args.initial,
-        per_round=args.per_round, rounds=args.rounds, test_fraction=args.test_fraction, network=args.network,
-        channels=args.channels, spacing=args.spacing, roi_size=args.roi_size, epochs=epochs,
-        iterations_per_epoch=args.iterations_per_epoch, max_minutes=args.max_minutes,
-        initial_epochs=args.initial_epochs, batch_size=args.batch_size, lr=args.lr, samples=args.samples,
-        steps=args.steps, mc_samples=args.mc_samples, mc_channels=args.mc_channels, device=args.device,
-        uncertainty=args.uncertainty, acquisition=args.acquisition, power_beta=args.power_beta,
-    )
-    log, bar = None, None
-    if not args.quiet:  # one line per round above a bar over all rounds (each training keeps quiet)
-        bar = tqdm(total=len(settings.seeds) * (1 + len(settings.strategies) * settings.rounds), desc="al-simulate",
-                   unit="round")
-        log = lambda msg: (bar.write(msg, file=sys.stderr), bar.update(1))  # noqa: E731
-    try:
-        result = simulate(args.studies, settings, args.report, progress=False, log=log)
-    finally:
-        if bar is not None:
-            bar.close()
-    print(summary_text(result))
-    return 0
-
-
 def summary_text(result: dict) -> str:
     s = result["summary"]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import inspect
 import json
 import sys
 import time
@@ -15,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm import tqdm
 
-from . import data
-from .al_simulation import add_al_parser, cmd_al_simulate
+from . import al_simulation, data, evaluation
 from .bench import main_bench
 from .bundle import export_bundle
 from .config import (
@@ -25,13 +26,13 @@ from .config import (
     NETWORKS,
     PREDICTION_TYPES,
     UNCERTAINTY_KINDS,
+    SegDiffConfig,
     load_checkpoint,
     parse_augment,
     parse_postprocess,
     training_state_path,
 )
 from .errors import CheckpointError, CLIError, DataError, InputError
-from .evaluation import TTA_HELP, add_evaluate_parser, cmd_evaluate
 from .io import is_picture, write_json, write_prediction
 from .labelset import label_names
 from .planning import new_config
@@ -41,12 +42,16 @@ from .tracking import TensorBoardCallback, run_dir
 from .training import KEEP, LR_SCHEDULES, train
 from .values import finite
 
+# the library's defaults (one source): a new model's config, train()'s run options, the retraining policy
+_CONFIG = SegDiffConfig()
+_TRAIN = {k: p.default for k, p in inspect.signature(train).parameters.items()}
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "network": "medsegdiff", "epochs": None, "max_minutes": None, "batch_size": 16, "lr": 1e-3,
-    "lr_schedule": "constant", "keep": "best", "val_split": 0.2,
-    "spatial_dims": 2, "context": 1, "channels": None, "spacing": None, "roi_size": None,
-    "prediction_type": "sample", "steps": 4, "samples": 5, "intensity": None, "seed": 0,
-    "init": None, "resume": None, "iterations_per_epoch": None, "device": "cpu", "use_raters": None,
+    "network": _CONFIG.network, "epochs": None, "max_minutes": None, "batch_size": _TRAIN["batch_size"],
+    "lr": _TRAIN["lr"], "lr_schedule": _TRAIN["lr_schedule"], "keep": _TRAIN["keep"],
+    "val_split": RetrainOptions.val_split, "spatial_dims": _CONFIG.spatial_dims, "context": _CONFIG.context,
+    "channels": None, "spacing": None, "roi_size": None, "prediction_type": _CONFIG.prediction_type,
+    "steps": _CONFIG.sample_steps, "samples": _CONFIG.num_samples, "intensity": None, "seed": _TRAIN["seed"],
+    "init": None, "resume": None, "iterations_per_epoch": None, "device": _TRAIN["device"], "use_raters": None,
     "anchor": None, "boundary_loss": None, "extra": None,
     "studies": None, "output": None, "postprocess": None, "tta_flips": None, "quiet": False, "tensorboard": None,
     "augment": None, "update": None,
@@ -340,6 +345,122 @@ def _extra(o: dict[str, Any]) -> dict[str, Any]:
     if o.get("boundary_loss") is not None:
         extra["boundary_loss"] = bool(o["boundary_loss"])
     return extra
+
+
+# ------------------------------------------------------------------------------------- evaluate
+TTA_HELP = "test-time mirror views averaged into each ensemble member: 1 none, up to 4 in 2D, 8 in 3D"
+
+
+def add_evaluate_parser(sub) -> argparse.ArgumentParser:
+    """Add ``segdiff evaluate`` to the ``segdiff`` sub-parsers."""
+    e = sub.add_parser("evaluate", help="Dice/HD95, uncertainty AUROC/ECE, GED/CI of a model on labelled studies")
+    e.add_argument("--model", required=True, help="checkpoint (.pt)")
+    e.add_argument("--studies", required=True, help="studies folder with labels/final/ (and rater tags)")
+    e.add_argument("--report", required=True, help="output folder for report.json, report.html and PNGs")
+    e.add_argument("--samples", type=int, help="ensemble size (default: the model's)")
+    e.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--uncertainty", choices=UNCERTAINTY_KINDS)
+    e.add_argument("--subset", choices=["all", "val"], default="all",
+                   help="'val': only the validation cases of segdiff train's split (same --val-split/--split-seed)")
+    e.add_argument("--val-split", type=float, default=0.2)
+    e.add_argument("--split-seed", type=int, default=0)
+    e.add_argument("--postprocess",
+                   help="clean-up of the fused mask instead of the model's stored one, e.g. "
+                   "median,confident_component,fill_holes, or none")
+    e.add_argument("--tta-flips", type=int, help=TTA_HELP + " (default: the model's)")
+    e.add_argument("--cases", help="comma-separated case ids to evaluate")
+    e.add_argument("--max-cases", type=int)
+    e.add_argument("--no-pictures", action="store_true")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--quiet", action="store_true")
+    return e
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    report = evaluation.evaluate_checkpoint(
+        args.model, args.studies, args.report, samples=args.samples, steps=args.steps, seed=args.seed,
+        device=args.device, uncertainty=args.uncertainty, subset=args.subset, val_split=args.val_split,
+        split_seed=args.split_seed, cases=[c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None,
+        max_cases=args.max_cases, progress=not args.quiet, pictures=not args.no_pictures,
+        postprocess=args.postprocess, tta_flips=args.tta_flips,
+    )
+    if not args.quiet:
+        print(evaluation.summary_text(report))
+    print(f"report: {Path(args.report) / 'report.html'}", file=sys.stderr)
+    return 0
+
+
+
+# ---------------------------------------------------------------------------------- al-simulate
+def _seeds(text: str) -> list[int]:
+    """Seeds from ``0,1,2`` or the range ``0-2``."""
+    if "-" in text.strip()[1:]:
+        lo, hi = text.split("-", 1)
+        return list(range(int(lo), int(hi) + 1))
+    return _ints(text)
+
+
+def add_al_parser(sub) -> argparse.ArgumentParser:
+    """Add ``segdiff al-simulate`` to the ``segdiff`` sub-parsers."""
+    a = sub.add_parser("al-simulate", help="simulate active learning on a labelled studies folder")
+    a.add_argument("--studies", required=True, help="studies folder where every case is labelled")
+    a.add_argument("--report", required=True, help="output folder (curves.json, curves.png, summary.json)")
+    a.add_argument("--strategies", default="random,segdiff_uncertainty,mc_dropout",
+                   help=f"comma-separated, of {', '.join(al_simulation.STRATEGIES)}")
+    a.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-2")
+    a.add_argument("--initial", type=int, default=2, help="labelled cases at the start")
+    a.add_argument("--per-round", type=int, default=1, help="cases labelled per round")
+    a.add_argument("--rounds", type=int, default=5)
+    a.add_argument("--test-fraction", type=float, default=0.25)
+    a.add_argument("--network", choices=[n for n in NETWORKS if n != "unet"], default="medsegdiff")
+    a.add_argument("--channels", type=_ints)
+    a.add_argument("--spacing", type=_floats)
+    a.add_argument("--roi-size", type=_ints)
+    a.add_argument("--epochs", type=int, help="training epochs per round (default 2)")
+    a.add_argument("--initial-epochs", type=int, help="epochs of round 0 (from scratch)")
+    a.add_argument("--iterations-per-epoch", type=int, default=20)
+    a.add_argument("--max-minutes", type=float, help="training minutes per round (instead of, or capping, epochs)")
+    a.add_argument("--batch-size", type=int, default=8)
+    a.add_argument("--lr", type=float, default=1e-3)
+    a.add_argument("--samples", type=int, default=3, help="ensemble size for scoring and testing")
+    a.add_argument("--steps", type=int, default=2, help="sampling steps for scoring and testing")
+    a.add_argument("--mc-samples", type=int, default=5)
+    a.add_argument("--mc-channels", type=_ints, default=[16, 32, 64, 128])
+    a.add_argument("--uncertainty", choices=UNCERTAINTY_KINDS,
+                   help="voxel map the scorers rank by (default: the model's)")
+    a.add_argument("--acquisition", choices=al_simulation.ACQUISITIONS, default="top",
+                   help="scored strategies: take the top scores (as the app does) or draw with P ~ score^beta")
+    a.add_argument("--power-beta", type=float, default=1.0, help="beta of --acquisition power")
+    a.add_argument("--device", default="cpu")
+    a.add_argument("--quiet", action="store_true")
+    return a
+
+
+def cmd_al_simulate(args: argparse.Namespace) -> int:
+    epochs = args.epochs if args.epochs is not None else (None if args.max_minutes is not None else 2)
+    settings = al_simulation.SimulationSettings(
+        strategies=args.strategies.split(","), seeds=_seeds(args.seeds), initial=args.initial,
+        per_round=args.per_round, rounds=args.rounds, test_fraction=args.test_fraction, network=args.network,
+        channels=args.channels, spacing=args.spacing, roi_size=args.roi_size, epochs=epochs,
+        iterations_per_epoch=args.iterations_per_epoch, max_minutes=args.max_minutes,
+        initial_epochs=args.initial_epochs, batch_size=args.batch_size, lr=args.lr, samples=args.samples,
+        steps=args.steps, mc_samples=args.mc_samples, mc_channels=args.mc_channels, device=args.device,
+        uncertainty=args.uncertainty, acquisition=args.acquisition, power_beta=args.power_beta,
+    )
+    log, bar = None, None
+    if not args.quiet:  # one line per round above a bar over all rounds (each training keeps quiet)
+        bar = tqdm(total=len(settings.seeds) * (1 + len(settings.strategies) * settings.rounds), desc="al-simulate",
+                   unit="round")
+        log = lambda msg: (bar.write(msg, file=sys.stderr), bar.update(1))  # noqa: E731
+    try:
+        result = al_simulation.simulate(args.studies, settings, args.report, progress=False, log=log)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(al_simulation.summary_text(result))
+    return 0
+
 
 
 def cmd_infer(args: argparse.Namespace) -> int:

@@ -30,9 +30,7 @@ case score vs Dice).
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,15 +43,14 @@ from tqdm import tqdm
 from . import data, metrics
 from . import report as rep
 from . import uncertainty as unc
-from .config import UNCERTAINTY_KINDS, SegDiffConfig
+from .config import SegDiffConfig
 from .errors import InputError
 from .io import load_image, load_label, write_json
 from .segmenter import Prediction, Segmenter
 from .transforms import apply, preprocess_transforms
 from .values import finite
 
-__all__ = ["AUROC_BINS", "ECE_BINS", "Evaluator", "evaluate", "evaluate_checkpoint", "add_evaluate_parser",
-           "cmd_evaluate"]
+__all__ = ["AUROC_BINS", "ECE_BINS", "Evaluator", "evaluate", "evaluate_checkpoint", "summary_text"]
 
 AUROC_BINS = 1000  # pooled AUROC resolution (uncertainty in [0, 1])
 PLOT_BINS = 20  # bins of the uncertainty-vs-error picture (AUROC_BINS must be a multiple)
@@ -301,27 +298,27 @@ class Evaluator:
         timing_keys = sorted({k for c in cases for k in c["timings"]})
         summary = {
             "cases": len(cases),
-            "dice": {n: rep.summarise([c["dice"][n] for c in cases]) for n in names},
-            "mean_dice": rep.summarise([c["mean_dice"] for c in cases]),
-            "hd95": {n: rep.summarise([c["hd95"][n] for c in cases]) for n in names},
-            "auroc": {"pooled": rep.binned_auroc(pooled.errors, pooled.correct),
-                      **rep.summarise([c["auroc"] for c in cases])},
-            "auroc_foreground": {"pooled": rep.binned_auroc(pooled.errors_fg, pooled.correct_fg),
-                                 **rep.summarise([c["auroc_foreground"] for c in cases])},
-            "ece": {"pooled": ece_all, **rep.summarise([c["ece"] for c in cases])},
-            "ece_foreground": {"pooled": ece_fg, **rep.summarise([c["ece_foreground"] for c in cases])},
-            "ged": rep.summarise([c["ged"] for c in cases if c["ged"] is not None]),
-            "ci": rep.summarise([c["ci"] for c in cases if c["ci"] is not None]),
-            "spearman_case_score_vs_dice": rep.spearman([c["case_score"] for c in cases],
+            "dice": {n: metrics.summarise([c["dice"][n] for c in cases]) for n in names},
+            "mean_dice": metrics.summarise([c["mean_dice"] for c in cases]),
+            "hd95": {n: metrics.summarise([c["hd95"][n] for c in cases]) for n in names},
+            "auroc": {"pooled": metrics.binned_auroc(pooled.errors, pooled.correct),
+                      **metrics.summarise([c["auroc"] for c in cases])},
+            "auroc_foreground": {"pooled": metrics.binned_auroc(pooled.errors_fg, pooled.correct_fg),
+                                 **metrics.summarise([c["auroc_foreground"] for c in cases])},
+            "ece": {"pooled": ece_all, **metrics.summarise([c["ece"] for c in cases])},
+            "ece_foreground": {"pooled": ece_fg, **metrics.summarise([c["ece_foreground"] for c in cases])},
+            "ged": metrics.summarise([c["ged"] for c in cases if c["ged"] is not None]),
+            "ci": metrics.summarise([c["ci"] for c in cases if c["ci"] is not None]),
+            "spearman_case_score_vs_dice": metrics.spearman([c["case_score"] for c in cases],
                                                         [c["mean_dice"] for c in cases]),
             "auroc_by_uncertainty": {
-                kind: {"pooled": rep.binned_auroc(*pooled.by_map[kind]),
-                       **rep.summarise([c["auroc_by_uncertainty"].get(kind) for c in cases]),
-                       "spearman_case_score_vs_dice": rep.spearman(
+                kind: {"pooled": metrics.binned_auroc(*pooled.by_map[kind]),
+                       **metrics.summarise([c["auroc_by_uncertainty"].get(kind) for c in cases]),
+                       "spearman_case_score_vs_dice": metrics.spearman(
                            [c["case_score_by_uncertainty"].get(kind) for c in cases], [c["mean_dice"] for c in cases])}
                 for kind in pooled.by_map
             },
-            "timings": {k: rep.summarise([c["timings"].get(k) for c in cases]) for k in timing_keys},
+            "timings": {k: metrics.summarise([c["timings"].get(k) for c in cases]) for k in timing_keys},
             "wall_s": wall,
         }
         settings = {
@@ -463,50 +460,6 @@ def evaluate_checkpoint(
     items = select_items(data.datalist(studies), subset, val_split, split_seed, cases, max_cases)
     meta = {"model": str(model), "studies": str(studies), "subset": subset, "seed": seed}
     return evaluate(seg, items, report_dir, progress=progress, meta=meta, pictures=pictures)
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-TTA_HELP = "test-time mirror views averaged into each ensemble member: 1 none, up to 4 in 2D, 8 in 3D"
-
-
-def add_evaluate_parser(sub) -> argparse.ArgumentParser:
-    """Add ``segdiff evaluate`` to the ``segdiff`` sub-parsers."""
-    e = sub.add_parser("evaluate", help="Dice/HD95, uncertainty AUROC/ECE, GED/CI of a model on labelled studies")
-    e.add_argument("--model", required=True, help="checkpoint (.pt)")
-    e.add_argument("--studies", required=True, help="studies folder with labels/final/ (and rater tags)")
-    e.add_argument("--report", required=True, help="output folder for report.json, report.html and PNGs")
-    e.add_argument("--samples", type=int, help="ensemble size (default: the model's)")
-    e.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--uncertainty", choices=UNCERTAINTY_KINDS)
-    e.add_argument("--subset", choices=["all", "val"], default="all",
-                   help="'val': only the validation cases of segdiff train's split (same --val-split/--split-seed)")
-    e.add_argument("--val-split", type=float, default=0.2)
-    e.add_argument("--split-seed", type=int, default=0)
-    e.add_argument("--postprocess",
-                   help="clean-up of the fused mask instead of the model's stored one, e.g. "
-                   "median,confident_component,fill_holes, or none")
-    e.add_argument("--tta-flips", type=int, help=TTA_HELP + " (default: the model's)")
-    e.add_argument("--cases", help="comma-separated case ids to evaluate")
-    e.add_argument("--max-cases", type=int)
-    e.add_argument("--no-pictures", action="store_true")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--quiet", action="store_true")
-    return e
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    report = evaluate_checkpoint(
-        args.model, args.studies, args.report, samples=args.samples, steps=args.steps, seed=args.seed,
-        device=args.device, uncertainty=args.uncertainty, subset=args.subset, val_split=args.val_split,
-        split_seed=args.split_seed, cases=[c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None,
-        max_cases=args.max_cases, progress=not args.quiet, pictures=not args.no_pictures,
-        postprocess=args.postprocess, tta_flips=args.tta_flips,
-    )
-    if not args.quiet:
-        print(summary_text(report))
-    print(f"report: {Path(args.report) / 'report.html'}", file=sys.stderr)
-    return 0
 
 
 def summary_text(report: dict) -> str:

@@ -7,6 +7,7 @@
   using diffusion models", CVPR) compare a set of samples with a set of reference annotations.
 * Uncertainty-error AUROC and expected calibration error (Guo et al., 2017, "On calibration of modern
   neural networks") judge the uncertainty maps.
+* Summary statistics over cases (``summarise``, ``spearman``, ``binned_auroc``) for the reports.
 
 Label maps are integer tensors ``[*spatial]`` (2D or 3D), probabilities ``[K, *spatial]``.
 """
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
+from scipy.stats import spearmanr
 from torch import Tensor
 
 __all__ = [
@@ -28,6 +32,9 @@ __all__ = [
     "ci_score",
     "uncertainty_auroc",
     "expected_calibration_error",
+    "summarise",
+    "spearman",
+    "binned_auroc",
 ]
 
 
@@ -255,3 +262,55 @@ def expected_calibration_error(probs: Tensor, target: Tensor, bins: int = 10) ->
         "count": [int(n) for n in count.tolist()],
     }
     return ece, diagram
+
+
+# ------------------------------------------------------------------------------ summary statistics
+def _numbers(values: Sequence[Any]) -> np.ndarray:
+    out = [float(v) for v in values if v is not None]
+    return np.asarray([v for v in out if math.isfinite(v)], dtype=np.float64)
+
+
+def summarise(values: Sequence[Any]) -> dict[str, Any]:
+    """``{"mean", "std", "median", "min", "max", "n", "n_undefined"}`` over the finite values;
+    ``None`` and NaN count as undefined (e.g. HD95 of a label missing from one side)."""
+    arr = _numbers(values)
+    undefined = len(values) - len(arr)
+    if len(arr) == 0:
+        return {"mean": None, "std": None, "median": None, "min": None, "max": None, "n": 0, "n_undefined": undefined}
+    return {
+        "mean": float(arr.mean()),
+        "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+        "median": float(np.median(arr)),
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+        "n": int(len(arr)),
+        "n_undefined": int(undefined),
+    }
+
+
+def spearman(x: Sequence[Any], y: Sequence[Any]) -> dict[str, Any]:
+    """Spearman rank correlation of the pairs where both values are finite (``scipy.stats.spearmanr``:
+    tie-averaged ranks, two-sided p-value from the t-approximation): ``{"rho", "p_value", "n"}``;
+    ``rho`` and ``p_value`` are ``None`` with fewer than 3 pairs or a constant side."""
+    pairs = [(float(a), float(b)) for a, b in zip(x, y) if a is not None and b is not None]
+    pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+    n = len(pairs)
+    a, b = np.asarray([p[0] for p in pairs]), np.asarray([p[1] for p in pairs])
+    if n < 3 or a.std() == 0 or b.std() == 0:
+        return {"rho": None, "p_value": None, "n": n}
+    result = spearmanr(a, b)
+    return {"rho": float(result.statistic), "p_value": float(result.pvalue), "n": n}
+
+
+def binned_auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """AUROC from per-bin counts of positives (errors) and negatives (correct voxels) over ascending
+    score bins: voxels in the same bin count as ties (1/2). With fine bins this is the pooled voxel
+    AUROC over many cases without holding their voxels (written here: scikit-learn's ``roc_auc_score``
+    needs the voxels themselves); ``nan`` without both classes."""
+    pos = np.asarray(positives, dtype=np.float64)
+    neg = np.asarray(negatives, dtype=np.float64)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    neg_below = np.cumsum(neg) - neg
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))

@@ -1,8 +1,8 @@
-"""Numbers -> files people read: JSON-safe values, summary statistics, matplotlib pictures (Agg, no
-display) and a self-contained HTML page, for ``segdiff evaluate`` and ``segdiff al-simulate``.
+"""Numbers -> files people read: matplotlib pictures (Agg, no display) and a self-contained HTML page,
+for ``segdiff evaluate`` and ``segdiff al-simulate``.
 
-Nothing here computes a metric of a model; it only summarises and draws what the evaluation and the
-active-learning simulation measured.
+Nothing here computes anything: it draws and tabulates what the evaluation and the active-learning
+simulation measured (the statistics live in ``metrics``).
 """
 
 from __future__ import annotations
@@ -14,14 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import t as student_t
 
 from .atomic import atomic_write
 
 __all__ = [
-    "summarise",
-    "spearman",
-    "binned_auroc",
     "plot_case",
     "plot_reliability",
     "plot_uncertainty_error",
@@ -34,82 +30,6 @@ __all__ = [
 
 LABEL_COLOURS = ["#2ca02c", "#d62728", "#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 STRATEGY_COLOURS = {"random": "#7f7f7f", "segdiff_uncertainty": "#d62728", "mc_dropout": "#1f77b4"}
-
-
-# ------------------------------------------------------------------------------------------ numbers
-def _numbers(values: Sequence[Any]) -> np.ndarray:
-    out = [float(v) for v in values if v is not None]
-    return np.asarray([v for v in out if math.isfinite(v)], dtype=np.float64)
-
-
-def summarise(values: Sequence[Any]) -> dict[str, Any]:
-    """``{"mean", "std", "median", "min", "max", "n", "n_undefined"}`` over the finite values;
-    ``None`` and NaN count as undefined (e.g. HD95 of a label missing from one side)."""
-    arr = _numbers(values)
-    undefined = len(values) - len(arr)
-    if len(arr) == 0:
-        return {"mean": None, "std": None, "median": None, "min": None, "max": None, "n": 0, "n_undefined": undefined}
-    return {
-        "mean": float(arr.mean()),
-        "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
-        "median": float(np.median(arr)),
-        "min": float(arr.min()),
-        "max": float(arr.max()),
-        "n": int(len(arr)),
-        "n_undefined": int(undefined),
-    }
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties sharing their mean rank."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    sorted_x = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1.0
-        i = j + 1
-    return ranks
-
-
-def spearman(x: Sequence[Any], y: Sequence[Any]) -> dict[str, Any]:
-    """Spearman rank correlation of the pairs where both values are finite:
-    ``{"rho", "p_value", "n"}``. ``rho`` is the Pearson correlation of the (tie-averaged) ranks;
-    ``p_value`` is the two-sided t-approximation (``t = rho sqrt((n-2)/(1-rho^2))``, n-2 degrees of
-    freedom) when SciPy is importable, else ``None``. ``rho`` is ``None`` with fewer than 3 pairs or a
-    constant side."""
-    pairs = [(float(a), float(b)) for a, b in zip(x, y) if a is not None and b is not None]
-    pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
-    n = len(pairs)
-    if n < 3:
-        return {"rho": None, "p_value": None, "n": n}
-    rx = _ranks(np.asarray([a for a, _ in pairs]))
-    ry = _ranks(np.asarray([b for _, b in pairs]))
-    if rx.std() == 0 or ry.std() == 0:
-        return {"rho": None, "p_value": None, "n": n}
-    rho = float(np.corrcoef(rx, ry)[0, 1])
-    if abs(rho) < 1.0:
-        t = rho * math.sqrt((n - 2) / (1.0 - rho * rho))
-        p_value = float(2.0 * student_t.sf(abs(t), n - 2))
-    else:
-        p_value = 0.0
-    return {"rho": rho, "p_value": p_value, "n": n}
-
-
-def binned_auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
-    """AUROC from per-bin counts of positives (errors) and negatives (correct voxels) over ascending
-    score bins: voxels in the same bin count as ties (1/2). With fine bins this is the pooled voxel
-    AUROC over many cases without holding their voxels; ``nan`` without both classes."""
-    pos = np.asarray(positives, dtype=np.float64)
-    neg = np.asarray(negatives, dtype=np.float64)
-    n_pos, n_neg = pos.sum(), neg.sum()
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    neg_below = np.cumsum(neg) - neg
-    return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
 
 
 # ----------------------------------------------------------------------------------------- pictures

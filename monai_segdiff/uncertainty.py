@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .config import FUSION_METHODS, UNCERTAINTY_KINDS  # the option names belong to the config
-from .diffusion.inferer import class_argmax
+from .diffusion.inferer import class_argmax, entropy
 
 __all__ = [
     "FUSION_METHODS",
@@ -142,15 +142,6 @@ def fuse(
     return _staple(samples, k)
 
 
-def _entropy_nats(probs: Tensor) -> Tensor:
-    """Shannon entropy over the class axis in nats, accumulated one class at a time (0 log 0 = 0)."""
-    entropy = torch.zeros(probs.shape[1:], dtype=torch.float32)
-    for p in probs:
-        p = p.float()
-        entropy -= torch.special.xlogy(p, p)
-    return entropy.clamp_(min=0.0)
-
-
 def predictive_entropy(probs: Tensor, normalise: bool = True) -> Tensor:
     """Predictive (total) entropy ``H[E_theta p(y|x, theta)] = -sum_k p_k log p_k`` of the mean
     probabilities, ``[*spatial]``.
@@ -159,11 +150,11 @@ def predictive_entropy(probs: Tensor, normalise: bool = True) -> Tensor:
         probs: mean class probabilities ``[K, *spatial]``.
         normalise: divide by ``log K`` so the result is in ``[0, 1]`` (1 = uniform over classes).
     """
-    entropy = _entropy_nats(probs)
+    nats = entropy(probs, 0)
     k = probs.shape[0]
     if normalise:
-        entropy = (entropy / math.log(k)).clamp_(max=1.0) if k > 1 else torch.zeros_like(entropy)
-    return entropy
+        nats = (nats / math.log(k)).clamp_(max=1.0) if k > 1 else torch.zeros_like(nats)
+    return nats
 
 
 def mutual_information(probs: Tensor, expected_entropy: Tensor, normalise: bool = True) -> Tensor:
@@ -177,7 +168,7 @@ def mutual_information(probs: Tensor, expected_entropy: Tensor, normalise: bool 
 
     Clamped at 0: numerically the difference can be slightly negative.
     """
-    mi = (_entropy_nats(probs) - expected_entropy.float()).clamp_(min=0.0)
+    mi = (entropy(probs, 0) - expected_entropy.float()).clamp_(min=0.0)
     k = probs.shape[0]
     if normalise:
         mi = (mi / math.log(k)).clamp_(max=1.0) if k > 1 else torch.zeros_like(mi)

@@ -11,15 +11,8 @@ import pytest
 
 from conftest import labelled_phantoms, strict_json
 
-from monai_segdiff.al_simulation import (
-    SimulationSettings,
-    add_al_parser,
-    case_scores,
-    cmd_al_simulate,
-    curves,
-    label_saving,
-    scorer_config,
-)
+from monai_segdiff.al_simulation import SimulationSettings, case_scores, curves, label_saving, scorer_config
+from monai_segdiff.cli import add_al_parser, cmd_al_simulate
 
 PHANTOMS = Path(__file__).resolve().parents[1] / "sample-data" / "phantoms"
 

@@ -19,9 +19,10 @@ from monai.data import MetaTensor
 
 from monai_segdiff.config import SegDiffConfig
 from monai_segdiff.diffusion.inferer import EnsembleOutput
-from monai_segdiff.evaluation import add_evaluate_parser, cmd_evaluate, evaluate
+from monai_segdiff.cli import add_evaluate_parser, cmd_evaluate
+from monai_segdiff.evaluation import evaluate
 from monai_segdiff.io import load_image
-from monai_segdiff.report import binned_auroc, spearman
+from monai_segdiff.metrics import binned_auroc, spearman
 from monai_segdiff.segmenter import Prediction
 
 PHANTOMS = Path(__file__).resolve().parents[1] / "sample-data" / "phantoms"

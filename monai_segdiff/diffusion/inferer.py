@@ -70,8 +70,14 @@ def class_argmax(x: torch.Tensor, dim: int, dtype: torch.dtype = torch.int64) ->
     return index
 
 
-def _entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
-    return -(p * p.clamp_min(1e-12).log()).sum(dim)
+def entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """Shannon entropy in nats over the class axis ``dim`` of probabilities (0 log 0 = 0), float32,
+    accumulated one class at a time (no ``K``-fold temporary of a volume)."""
+    out = torch.zeros(p.select(dim, 0).shape, dtype=torch.float32)
+    for c in range(p.shape[dim]):
+        q = p.select(dim, c).float()
+        out -= torch.special.xlogy(q, q)
+    return out.clamp_(min=0.0)
 
 
 def _fuse(
@@ -79,10 +85,10 @@ def _fuse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fused probabilities, expected entropy)`` of members ``[N, ...]`` (classes on ``dim`` of a
     member) and an optional anchor ``[...]`` holding ``share`` of the mixture."""
-    probs, ent = members.mean(0), _entropy(members, dim + 1).mean(0)
+    probs, ent = members.mean(0), entropy(members, dim + 1).mean(0)
     if anchor is None:
         return probs, ent
-    return (1 - share) * probs + share * anchor, (1 - share) * ent + share * _entropy(anchor, dim)
+    return (1 - share) * probs + share * anchor, (1 - share) * ent + share * entropy(anchor, dim)
 
 
 def _split(out: "torch.Tensor | tuple", share: float) -> tuple[torch.Tensor, torch.Tensor | None]:

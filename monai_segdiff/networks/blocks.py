@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
+from monai.networks.layers import Conv
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
@@ -96,3 +97,8 @@ class ImageEncoderDecoder(nn.Module):
             x = F.interpolate(feats[0], size=skips[i].shape[2:], mode="nearest")
             feats.insert(0, self.up[i](torch.cat([x, skips[i]], dim=1)))
         return feats
+
+
+def pointwise(spatial_dims: int, cin: int, cout: int) -> nn.Module:
+    """A 1x1 (x1) convolution with bias: MONAI's ``Conv`` factory's ``nn.Conv2d`` / ``nn.Conv3d``."""
+    return Conv[Conv.CONV, spatial_dims](cin, cout, kernel_size=1)

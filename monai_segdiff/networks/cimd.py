@@ -33,7 +33,7 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from ..losses import diagonal_gaussian_kl, dice_ce
-from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv, resize, two_path_widths
+from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv, pointwise, resize, two_path_widths
 
 
 class GaussianEncoder(nn.Module):
@@ -112,7 +112,7 @@ class CIMD(nn.Module):
         self.prior = GaussianEncoder(spatial_dims, image_channels, enc, latent_dim)
         self.posterior = GaussianEncoder(spatial_dims, image_channels + num_classes, enc, latent_dim)
         self.image_path = ImageEncoderDecoder(spatial_dims, image_channels, ch, groups=groups)
-        self.project = nn.ModuleList(_pointwise(spatial_dims, c, m) for c, m in zip(ch, mch))
+        self.project = nn.ModuleList(pointwise(spatial_dims, c, m) for c, m in zip(ch, mch))
         emb = mch[1] * 2
         self.temb = TimeEmbedding(emb)  # outputs 2 * emb
         self.zemb = nn.Sequential(nn.Linear(latent_dim, 2 * emb), nn.SiLU(), nn.Linear(2 * emb, 2 * emb))
@@ -123,14 +123,14 @@ class CIMD(nn.Module):
         self.mid = conv(spatial_dims, mch[-1], mch[-1], groups=groups)
         self.up = nn.ModuleList(conv(spatial_dims, mch[i + 1] + mch[i], mch[i], groups=groups) for i in range(1, len(mch) - 1))
         self.out = nn.Sequential(
-            _pointwise(spatial_dims, mch[1] + mch[0] + num_classes + latent_dim, mch[0]),
+            pointwise(spatial_dims, mch[1] + mch[0] + num_classes + latent_dim, mch[0]),
             nn.SiLU(),
-            _pointwise(spatial_dims, mch[0], num_classes),
+            pointwise(spatial_dims, mch[0], num_classes),
         )
         self.recon = nn.Sequential(
-            _pointwise(spatial_dims, mch[0] + latent_dim, 2 * mch[0]), nn.SiLU(),
-            _pointwise(spatial_dims, 2 * mch[0], 2 * mch[0]), nn.SiLU(),
-            _pointwise(spatial_dims, 2 * mch[0], num_classes),
+            pointwise(spatial_dims, mch[0] + latent_dim, 2 * mch[0]), nn.SiLU(),
+            pointwise(spatial_dims, 2 * mch[0], 2 * mch[0]), nn.SiLU(),
+            pointwise(spatial_dims, 2 * mch[0], num_classes),
         )
         self._aux: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -197,7 +197,3 @@ class CIMD(nn.Module):
             h = F.interpolate(h, size=skips[i].shape[2:], mode="nearest")
             h = self.up[i](torch.cat([h, skips[i]], dim=1))
         return self.out(torch.cat([resize(h, x_t.shape[2:]), feats[0], x_t, self._zmap(z, x_t)], dim=1))
-
-
-def _pointwise(spatial_dims: int, cin: int, cout: int) -> nn.Module:
-    return (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(cin, cout, 1)

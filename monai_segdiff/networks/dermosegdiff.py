@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv, resize, two_path_widths
+from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv, pointwise, resize, two_path_widths
 
 
 class ImageGate(nn.Module):
@@ -66,7 +66,7 @@ class DermoSegDiff(nn.Module):
         ch, mch, groups = two_path_widths(channels, mask_channels, norm_num_groups)
         self.spatial_dims = spatial_dims
         self.image_path = ImageEncoderDecoder(spatial_dims, image_channels, ch, groups=groups)
-        self.head_image = _pointwise(spatial_dims, ch[0], mch[0])
+        self.head_image = pointwise(spatial_dims, ch[0], mch[0])
         self.gates = nn.ModuleList(ImageGate(spatial_dims, c, m) for c, m in zip(ch[1:], mch[1:]))
         emb = mch[1] * 2
         self.temb = TimeEmbedding(emb)
@@ -79,7 +79,7 @@ class DermoSegDiff(nn.Module):
         # decoder: upsampled features + mask-encoder skip + image-encoder skip (gate values)
         self.up = nn.ModuleList(conv(spatial_dims, mch[i + 1] + 2 * mch[i], mch[i], groups=groups) for i in range(1, len(mch) - 1))
         self.out = nn.Sequential(
-            _pointwise(spatial_dims, mch[1] + mch[0] + num_classes, mch[0]), nn.SiLU(), _pointwise(spatial_dims, mch[0], num_classes)
+            pointwise(spatial_dims, mch[1] + mch[0] + num_classes, mch[0]), nn.SiLU(), pointwise(spatial_dims, mch[0], num_classes)
         )
 
     def condition(self, image: torch.Tensor) -> list[torch.Tensor]:
@@ -103,7 +103,3 @@ class DermoSegDiff(nn.Module):
             h = F.interpolate(h, size=skips[i].shape[2:], mode="nearest")
             h = self.up[i](torch.cat([h, skips[i], values[i]], dim=1))
         return self.out(torch.cat([resize(h, x_t.shape[2:]), cond[0], x_t], dim=1))
-
-
-def _pointwise(spatial_dims: int, cin: int, cout: int) -> nn.Module:
-    return (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(cin, cout, 1)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import dice_ce
-from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv, resize, two_path_widths
+from .blocks import FiLM, ImageEncoderDecoder, TimeEmbedding, conv, pointwise, resize, two_path_widths
 
 
 class FFParser(nn.Module):
@@ -104,12 +104,12 @@ class MedSegDiff(nn.Module):
         # mask-path widths, one per level from half resolution: the image levels below the top (stride
         # 1), or all of them (stride 2: the image path's top level is at half resolution too)
         levels = mch[1:] if image_stride == 1 else mch
-        self.project = nn.ModuleList(_pointwise(spatial_dims, c, m) for c, m in zip(ch, mch))
+        self.project = nn.ModuleList(pointwise(spatial_dims, c, m) for c, m in zip(ch, mch))
         self.temb = TimeEmbedding(mch[1] * 2)
         # the per-step mask path starts at half resolution (the cost of CPU sampling lives here);
         # full-resolution detail comes from the image features in the output head
         # optional anchor: its probabilities enter next to x_t (mask-path input and output head)
-        self.anchor = _pointwise(spatial_dims, ch[0], num_classes) if anchor else None
+        self.anchor = pointwise(spatial_dims, ch[0], num_classes) if anchor else None
         self.anchor_weight = float(anchor_weight)
         self._anchor_logits: torch.Tensor | None = None
         self._x0: torch.Tensor | None = None
@@ -126,7 +126,7 @@ class MedSegDiff(nn.Module):
             conv(spatial_dims, levels[i + 1] + levels[i], levels[i], groups=groups) for i in range(len(levels) - 1)
         )
         self.out = nn.Sequential(
-            _pointwise(spatial_dims, levels[0] + mch[0] + mask_in, mch[0]), nn.SiLU(), _pointwise(spatial_dims, mch[0], num_classes)
+            pointwise(spatial_dims, levels[0] + mch[0] + mask_in, mch[0]), nn.SiLU(), pointwise(spatial_dims, mch[0], num_classes)
         )
 
     def _condition(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -180,7 +180,3 @@ class MedSegDiff(nn.Module):
             h = F.interpolate(h, size=skips[i].shape[2:], mode="nearest")
             h = self.up[i](torch.cat([h, skips[i]], dim=1))
         return self.out(torch.cat([resize(h, x_t.shape[2:]), cond[0], x_t], dim=1))
-
-
-def _pointwise(spatial_dims: int, cin: int, cout: int) -> nn.Module:
-    return (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(cin, cout, 1)

@@ -46,6 +46,7 @@ from monai_segdiff.config import NETWORKS, SegDiffConfig
 from monai_segdiff.errors import InputError
 from monai_segdiff.labelset import LabelSet
 from monai_segdiff.postprocess import parse_postprocess
+from monai_segdiff.retrain import RetrainOptions
 from monai_segdiff.values import flag
 
 from ..activelearning.uncertainty import UncertaintyStrategy
@@ -70,8 +71,8 @@ DEFAULTS: dict[str, str] = {
     "scoring_samples": "3",
     "scoring_steps": "2",
     "network": "",
-    "max_epochs": "10",
-    "max_minutes": "30",
+    "max_epochs": str(RetrainOptions().epochs),  # the library's retraining defaults
+    "max_minutes": f"{RetrainOptions().max_minutes:g}",
     "reserve_minutes": "60",
     "postprocess": "",
     "tta_flips": "0",
