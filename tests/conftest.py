@@ -50,6 +50,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         Path(out).write_text(json.dumps(REPORTS, indent=2, default=str))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every end-to-end test (a real server) is slow too: ``pytest -m "not slow"`` is the quick tier."""
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: starts a real MONAI Label server (slow, ~2-3 minutes)")
     config.addinivalue_line("markers", "slow: over ~20 s on 2 cores; `pytest -m 'not slow'` is the quick tier")

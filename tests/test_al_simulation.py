@@ -81,6 +81,7 @@ def test_mc_dropout_scorer_uses_the_case_score_of_its_samples(studies, tmp_path)
     assert 0.0 <= scores[items[2]["id"]]["score"] <= 1.0 and 0.0 <= scores[items[2]["id"]]["dice"] <= 1.0
 
 
+@pytest.mark.slow
 def test_simulation_runs_end_to_end(studies, tmp_path):
     out = tmp_path / "al"
     parser = argparse.ArgumentParser(prog="segdiff")

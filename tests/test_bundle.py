@@ -43,6 +43,7 @@ def test_bundle_layout_and_metadata(bundle, tiny_model):
     assert all(torch.equal(state[k], state0[k]) for k in state)
 
 
+@pytest.mark.slow
 def test_monai_bundle_run_segments_an_image_with_the_sampler(bundle, tiny_model, tmp_path, one_thread):
     image = PHANTOMS / "phantom_005.nii.gz"  # axes flipped: the output must keep the input's affine
     out = tmp_path / "eval"

@@ -78,6 +78,7 @@ def test_infer_same_seed_same_result(trained, tmp_path):
     assert np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_and_nonzero(trained, tmp_path):
     (tmp_path / "broken.nii.gz").write_bytes(b"not an image at all")
     foreign = tmp_path / "foreign.pt"

@@ -63,6 +63,7 @@ def ddp_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_gradients_are_averaged_over_the_ranks(ddp_run, one_thread):
     """Each rank's DDP gradient equals the mean of the single-process gradients of both ranks' batches."""
     from monai_segdiff.diffusion.objective import DiffusionObjective
@@ -111,6 +112,7 @@ def test_rank_devices_follow_monai_label_options(monkeypatch):
         distributed.rank_devices(True, "first,second", "cpu")
 
 
+@pytest.mark.slow
 def test_app_trainer_multi_gpu_runs_two_processes(tmp_path, monkeypatch):
     """``segdiff_train`` with ``multi_gpu`` and ``gpus="0,1"`` on a CPU machine, as MONAI Label's task
     runner hands it over (``gpus`` "all", the ids in ``CUDA_VISIBLE_DEVICES``): DDP on 2 processes,

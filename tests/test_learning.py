@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from monai_segdiff import data, metrics
@@ -26,6 +27,7 @@ def organ_dice(seg: Segmenter, items: list[dict]) -> float:
     return float(np.mean(scores))
 
 
+@pytest.mark.slow
 def test_short_training_learns_to_segment(tmp_path):
     items = data.labelled(data.datalist(PHANTOMS))
     train_items, held_out = items[:12], items[-3:]

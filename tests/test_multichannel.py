@@ -143,6 +143,7 @@ def held_out_dice(seg: Segmenter, items: list[dict], blank: int | None = None) -
     return float(np.mean(scores))
 
 
+@pytest.mark.slow
 def test_training_uses_every_channel(trained, split):
     _, cfg, _ = load_checkpoint(trained)
     assert (cfg.image_channels, cfg.image_dims, cfg.in_channels) == (3, 3, 3)
@@ -155,6 +156,7 @@ def test_training_uses_every_channel(trained, split):
     assert all(d < full - 0.1 for d in blanked), (full, blanked)
 
 
+@pytest.mark.slow
 def test_dropping_a_channel_is_a_clear_error(trained, split, tmp_path):
     case = split[1][0]["image"]
     seg = Segmenter.from_checkpoint(trained, num_samples=1, steps=1)

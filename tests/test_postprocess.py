@@ -218,6 +218,7 @@ def test_checkpoint_config_default_cli_and_app(tiny_model, raw, tmp_path, one_th
         SegDiffTaskConfig().init("segdiff", str(tmp_path), {"postprocess": "blur"}, None)
 
 
+@pytest.mark.slow
 def test_shipped_model_and_its_stored_clean_up(one_thread, tmp_path, capsys):
     """The sample model (`apps/segdiff/model/segdiff.pt`) on shipped phantoms it was not trained on,
     with its stored settings (two test-time views; median, confident component, fill holes): the
@@ -258,6 +259,7 @@ def test_shipped_model_and_its_stored_clean_up(one_thread, tmp_path, capsys):
     assert "unknown postprocess option(s) blur" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_shipped_model_reaches_the_bar_on_the_28_sample_phantoms(one_thread, tmp_path):
     """Issue #3's bar: the sample model's mean Dice (organ, lesion) is at least 0.8 on the 28 shipped
     phantoms, none of which it was trained on (`segdiff evaluate` with the model's stored settings)."""

@@ -263,6 +263,7 @@ def member_disagreement(samples: torch.Tensor, num_classes: int) -> torch.Tensor
     return 1 - torch.stack([(cls == k).float().mean(0) for k in range(num_classes)]).amax(0)
 
 
+@pytest.mark.slow
 def test_cimd_samples_differ_where_raters_differ():
     """Train a tiny CIMD (random rater per sample, via the training PatchSampler) and sample unseen
     phantoms: members disagree on the blob, where the raters do, far more than elsewhere."""

@@ -52,6 +52,7 @@ def test_views_are_mirrored_back_and_averaged_member_by_member():
     assert a_const is None and torch.equal(p_const, torch.full((2, 3, 2, 4, 6), 0.5))
 
 
+@pytest.mark.slow
 def test_tta_flips_from_the_model_and_overridden_by_infer_and_evaluate(tiny_model, tmp_path, capsys, one_thread):
     image = PHANTOMS / "phantom_000.nii.gz"
     state, cfg, _ = load_checkpoint(tiny_model)
