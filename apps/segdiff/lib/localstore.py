@@ -15,8 +15,7 @@ anywhere and runs for days.
   (or an admin's ``DELETE`` removes) is kept as ``<studies>/.segdiff/replaced/<tag>/<file>``.
 * Files are written atomically (temporary file in the same folder + rename): no reader -- the server,
   a training or scoring subprocess, a crash -- ever sees half a label, image or ``datastore_v2.json``.
-  A ``datastore_v2.json`` that cannot be parsed (a crash of an older version) is set aside and the
-  datastore rebuilt from the files, instead of the server refusing to start.
+  An unparseable ``datastore_v2.json`` is set aside and rebuilt from the files (``recovery.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from typing import Any
 
 from fastapi import HTTPException
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from monai_segdiff import labelstore as store
@@ -45,6 +44,7 @@ from monai_segdiff.errors import InputError
 from monai_segdiff.validation import check_image_file
 
 from .guards import check_id, check_tag
+from .recovery import set_aside_if_corrupt
 
 logger = logging.getLogger(__name__)
 
@@ -197,22 +197,3 @@ class SegDiffLocalDatastore(LocalDatastore):
         if path and os.path.isfile(path):
             store.keep_replaced(self._datastore_path, path, label_tag)
         super().remove_label(label_id, label_tag)
-
-
-def set_aside_if_corrupt(path: str, lock_file: str) -> None:
-    """Move an unparseable datastore file aside (``<name>.corrupt-<time>``): the datastore is then
-    rebuilt from the files on disk (labels are files; image infos such as scores are recomputed)."""
-    if not os.path.isfile(path):
-        return
-    with FileLock(lock_file):
-        try:
-            with open(path) as f:
-                LocalDatastoreModel.model_validate_json(f.read())
-            return
-        except (OSError, ValueError) as e:
-            aside = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
-            logger.error(f"datastore file {path} is unreadable ({str(e).splitlines()[0][:200]}); moved to {aside}")
-            try:
-                os.replace(path, aside)
-            except FileNotFoundError:
-                pass

@@ -23,9 +23,8 @@ postprocess                 "" (the model's)                   median,confident_
 tta_flips                   0 (the model's)                    test-time mirror views per member of interactive infer (1..8)
 ==========================  =================================  ===========================================
 
-Without ``model_path`` (or with the shipped model's path) the app serves the studies' own model,
-``<studies>/.segdiff/model/segdiff.pt``, once training has published one, and the shipped sample model
-until then; training never writes the shipped model.
+Without ``model_path`` the app serves the studies' own model (``<studies>/.segdiff/model/segdiff.pt``)
+once training has published one, the shipped sample model until then (never written).
 """
 
 from __future__ import annotations
@@ -117,13 +116,9 @@ class SegDiffTaskConfig(TaskConfig):
         if not 0 <= tta_flips <= 8:
             raise ConfError(f"--conf tta_flips must be 0 (the model's) or 1..8, got {tta_flips}")
         self.model = SegDiffModel(
-            self.path,
-            samples=self.number("samples", int) or None,
-            steps=self.number("steps", int) or None,
-            device=self.device,
-            threshold=self.number("uncertainty_threshold", float),
-            uncertainty=self.option("uncertainty") or None,
-            seed=self.number("seed", int),
+            self.path, samples=self.number("samples", int) or None, steps=self.number("steps", int) or None,
+            device=self.device, threshold=self.number("uncertainty_threshold", float),
+            uncertainty=self.option("uncertainty") or None, seed=self.number("seed", int),
             cache_size=self.number("cache_size", int),
             fallback_labels=self.label_set(),
             postprocess=self.postprocess_option(),

@@ -1,13 +1,8 @@
-"""Train task ``segdiff_train``: the library's retraining (``monai_segdiff.retrain``) on the datastore's
-final labels, in the background subprocess MONAI Label starts (``/train`` answers 429 while one runs).
-
-Options are checked by ``RetrainOptions.from_request`` (the server refuses bad ones with 422 before the
-run starts). Labels that cannot train an honest model (empty, out of the label set, fewer than two with
-foreground) end the run in ERROR with the reason in ``/info``. The studies' own model file is written
-only by a checkpoint that beats the served model on the same validation cases (a new model: Dice 0);
-the shipped sample model is never written. Progress and results go to ``train_stats.json`` beside the
-model, which ``stats()`` returns for ``/info`` (3D Slicer reads ``epoch``, ``total_epochs``,
-``best_metric``, ``total_time``).
+"""Train task ``segdiff_train``: the library's retraining (``monai_segdiff.retrain``: options checked
+once, honest labels or ERROR with the reason, publish only a model that beats the served one) on the
+datastore's final labels, in the subprocess MONAI Label starts. Progress and results go to
+``train_stats.json`` beside the model, which ``stats()`` returns for ``/info`` (3D Slicer reads
+``epoch``, ``total_epochs``, ``best_metric``, ``total_time``); the shipped sample model is never written.
 """
 
 from __future__ import annotations
