@@ -9,7 +9,7 @@ that models how annotators disagree.
 - Reconstruction head (as the Probabilistic U-Net's): rater mask logits from the image features and
   ``z`` alone, supervised with Dice + CE. The denoiser sees the mask through ``x_t`` at all but the
   noisiest steps, so it gains little from ``z`` and the posterior tends to collapse onto the prior:
-  on the ambiguous phantom of ``tests/test_seed_networks.py`` (300 steps, 3 seeds) the samples
+  on the ambiguous phantom of ``tests/test_networks.py`` (300 steps, 3 seeds) the samples
   followed the raters in 1 run of 3 without this head and in 3 of 3 with it.
 - Denoiser: a light noisy-mask path conditioned on a once-per-image image path (as MedSegDiff here,
   with additive fusion); ``z`` enters every level through the time embedding's scale and shift, and
