@@ -17,6 +17,7 @@ Options come from the app's train request or the command line and are checked on
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -50,6 +51,9 @@ REQUEST_NUMBERS: dict[str, tuple[str, type, float, bool, float | None]] = {
 }
 
 
+_TRAIN = {k: p.default for k, p in inspect.signature(train).parameters.items()}  # train()'s own defaults
+
+
 @dataclass(frozen=True)
 class RetrainOptions:
     """What one retraining run may be asked for.
@@ -69,12 +73,12 @@ class RetrainOptions:
     epochs: int | None = 10
     max_minutes: float | None = 30.0
     val_split: float = 0.2
-    batch_size: int = 16
-    lr: float = 1e-3
-    iterations_per_epoch: int | None = None
+    batch_size: int = _TRAIN["batch_size"]
+    lr: float = _TRAIN["lr"]
+    iterations_per_epoch: int | None = _TRAIN["iterations_per_epoch"]
     pretrained: bool = True
     network: str = field(default_factory=lambda: SegDiffConfig().network)
-    seed: int = 0
+    seed: int = _TRAIN["seed"]
 
     def __post_init__(self) -> None:
         if self.epochs is None and self.max_minutes is None:
@@ -107,7 +111,7 @@ class RetrainOptions:
             changes["network"] = str(network)
         if request.get("pretrained") not in (None, ""):
             try:
-                changes["pretrained"] = str2bool(request["pretrained"])
+                changes["pretrained"] = str2bool(str(request["pretrained"]).strip())
             except ValueError:
                 raise InputError(f"pretrained must be true or false, got {request['pretrained']!r}") from None
         return replace(opts, **changes)
