@@ -19,16 +19,15 @@ import sys
 import tempfile
 import threading
 
-import numpy as np
-
 import monai_segdiff
+import numpy as np
 from fastapi import HTTPException
 from lib.auth import answer_refused_logins, close_open_routes, fix_token_validation
 from lib.configs import SegDiffTaskConfig
 from lib.datastore import SegDiffDICOMWebDatastore
+from lib.guards import check_infer_request, check_train_request, checked_sessions, describe_segments
 from lib.localstore import SegDiffLocalDatastore
 from lib.model import SegDiffAppError
-from lib.guards import check_infer_request, check_train_request, checked_sessions, describe_segments
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
