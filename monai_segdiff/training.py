@@ -204,153 +204,228 @@ def train(
     caller's plain-type ``options``); ``resume=<checkpoint>`` continues from it exactly, as if the run
     had not stopped (without the state file, from the checkpoint's weights and optimiser, if any).
     """
-    if epochs is None and max_minutes is None:
-        raise ValueError("give epochs or max_minutes")
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
-    if keep not in KEEP:
-        raise ValueError(f"keep must be one of {', '.join(KEEP)}, got {keep!r}")
-    if not train_items:
-        raise InputError("no labelled case to train on")
-    torch.manual_seed(seed)
-    use_raters = cfg.network == "cimd" if use_raters is None else use_raters
-    start_epoch, step, opt_state, saved = 0, 0, None, None
-    progress0 = 0.0  # share of the learning-rate schedule already run (a resumed run continues it)
-    save_state = save_state or bool(cfg.extra.get("keep_optimizer"))
-    if resume is not None:
-        init_state, cfg_r, rest = load_checkpoint(resume)
-        cfg = cfg_r
-        start_epoch, step = int(rest.get("epoch", 0)), int(rest.get("step", 0))
-        opt_state = rest.get("optimizer")
-        saved = _load_state(resume)
-        if saved is not None:
-            best_saved, init_state, opt_state = init_state, saved["model"], None
-            start_epoch, step = int(saved["epoch"]), int(saved["step"])
-            warmup_steps = saved["warmup_steps"] if warmup_steps is None else warmup_steps
-            progress0 = float(saved.get("lr_progress", 0.0))
-    net = build_network(cfg).to(device)
-    if init_state is not None:
-        net.load_state_dict(init_state)
-    train_cases = load_cases(train_items, cfg, use_raters=use_raters, progress=progress)
-    val_cases = load_cases(val_items, cfg, progress=progress) if val_items and ddp.is_main() else []
-    if not any(bool(lab.any()) for _, lab in train_cases):
-        raise InputError("every training label is empty (no foreground voxel): nothing to learn")
-    if val_cases and not any(bool(lab[:1].any()) for _, lab in val_cases):
-        raise InputError("the validation labels are all empty: no foreground to score the model on")
-    sampler = PatchSampler(train_cases, cfg, seed=seed + ddp.rank())  # DDP: other batches per rank
-    objective = DiffusionObjective(cfg, weight_fn=_weight_fn(cfg)) if cfg.is_diffusion else None
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    fine_tune = bool(saved["fine_tune"]) if saved is not None else init_state is not None and resume is None
-    if warmup_steps is None:
-        warmup_steps = 100 if fine_tune else 0
-    # exponential moving average of the weights, used for validation and saved (Ho et al. 2020);
-    # when fine-tuning, the average starts from the trained weights instead of warming up from them
-    ema = torch.optim.swa_utils.AveragedModel(
-        net, avg_fn=_ema(ema_decay, offset=100 if fine_tune else 0), use_buffers=True
-    )
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-    schedule = {"progress": progress0}
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: _lr_factor(i, warmup_steps, schedule["progress"] if lr_schedule == "cosine" else 0.0)
-    )
-    if saved is not None:  # after the scheduler, whose first step rewrites the learning rate
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        ema.load_state_dict(saved["ema"])
-    if iterations_per_epoch is None:
-        n_slices = (sum(img.shape[-1] if img.ndim == 4 else 1 for img, _ in train_cases) if cfg.spatial_dims == 2
-                    else 8 * len(train_cases))
-        iterations_per_epoch = int(min(200, max(20, math.ceil(n_slices / batch_size))))
-    gen = torch.Generator().manual_seed(seed + ddp.rank())
-    if saved is not None and ddp.is_main():  # the state holds rank 0's; other ranks keep their own seeds
-        _set_rng_states(saved["rng"], gen, sampler)
-    # the batch loss as one module: DDP (gradients averaged over ranks) inside a process group
-    model = ddp.wrap(net, functools.partial(step_loss, cfg=cfg, objective=objective, generator=gen), device)
-    t0 = time.perf_counter()
-    deadline = None if max_minutes is None else t0 + 60 * max_minutes
-    total = epochs if epochs is not None else 10**9
-    step0 = step
+    return Trainer(
+        cfg, train_items, val_items, output=output, epochs=epochs, max_minutes=max_minutes, batch_size=batch_size,
+        lr=lr, iterations_per_epoch=iterations_per_epoch, init_state=init_state, seed=seed, device=device,
+        progress=progress, val_samples=val_samples, val_every=val_every, use_raters=use_raters, callback=callback,
+        resume=resume, ema_decay=ema_decay, warmup_steps=warmup_steps, lr_schedule=lr_schedule, keep=keep,
+        save_state=save_state, options=options,
+    ).run()
 
-    def run_share() -> float:
+
+class Trainer:
+    """One run of :func:`train` (same arguments), in named steps: :meth:`resume_from` (a checkpoint or
+    its training state), :meth:`build` (network, cases, sampler, objective, optimiser, weight average,
+    learning-rate schedule), then per epoch :meth:`train_epoch`, :meth:`validate`, :meth:`keep_best`,
+    :meth:`save_training_state` and :meth:`report`, and :meth:`finish`. The order of every random draw
+    is that of the loop it replaces, so a run and a resumed run stay bit-identical."""
+
+    def __init__(self, cfg: SegDiffConfig, train_items: Sequence[dict], val_items: Sequence[dict] = (), *,
+                 output: str | Path | None = None, epochs: int | None = None, max_minutes: float | None = None,
+                 batch_size: int = 16, lr: float = 1e-3, iterations_per_epoch: int | None = None,
+                 init_state: dict | None = None, seed: int = 0, device: str = "cpu", progress: bool = False,
+                 val_samples: int = 2, val_every: int = 1, use_raters: bool | None = None,
+                 callback: Callable[[dict], None] | None = None, resume: str | Path | None = None,
+                 ema_decay: float = 0.995, warmup_steps: int | None = None, lr_schedule: str = "constant",
+                 keep: str = "best", save_state: bool = False, options: dict | None = None) -> None:
+        if epochs is None and max_minutes is None:
+            raise ValueError("give epochs or max_minutes")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+        if keep not in KEEP:
+            raise ValueError(f"keep must be one of {', '.join(KEEP)}, got {keep!r}")
+        if not train_items:
+            raise InputError("no labelled case to train on")
+        self.cfg, self.train_items, self.val_items, self.output = cfg, train_items, val_items, output
+        self.epochs, self.max_minutes, self.batch_size, self.lr = epochs, max_minutes, batch_size, lr
+        self.iterations_per_epoch, self.init_state, self.seed, self.device = iterations_per_epoch, init_state, seed, device
+        self.progress, self.val_samples, self.val_every, self.callback = progress, val_samples, val_every, callback
+        self.resume, self.ema_decay, self.warmup_steps = resume, ema_decay, warmup_steps
+        self.lr_schedule, self.keep, self.options = lr_schedule, keep, options
+        self.use_raters = cfg.network == "cimd" if use_raters is None else use_raters
+        self.save_state = save_state or bool(cfg.extra.get("keep_optimizer"))
+        self.start_epoch, self.step, self.opt_state, self.saved, self.best_saved = 0, 0, None, None, None
+        self.lr_progress0 = 0.0  # share of the learning-rate schedule already run (a resumed run continues it)
+        self.lr_progress = 0.0
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def resume_from(self, checkpoint: str | Path) -> None:
+        """Weights, config, epoch and step of ``checkpoint``; with its ``.state`` file, everything else."""
+        self.init_state, self.cfg, rest = load_checkpoint(checkpoint)
+        self.start_epoch, self.step = int(rest.get("epoch", 0)), int(rest.get("step", 0))
+        self.opt_state = rest.get("optimizer")
+        self.saved = _load_state(checkpoint)
+        if self.saved is not None:
+            saved = self.saved
+            self.best_saved, self.init_state, self.opt_state = self.init_state, saved["model"], None
+            self.start_epoch, self.step = int(saved["epoch"]), int(saved["step"])
+            self.warmup_steps = saved["warmup_steps"] if self.warmup_steps is None else self.warmup_steps
+            self.lr_progress0 = float(saved.get("lr_progress", 0.0))
+
+    def build(self) -> None:
+        """Network, cases, patch sampler, objective, optimiser, weight average and schedule."""
+        cfg, saved = self.cfg, self.saved
+        self.net = build_network(cfg).to(self.device)
+        if self.init_state is not None:
+            self.net.load_state_dict(self.init_state)
+        self.train_cases = load_cases(self.train_items, cfg, use_raters=self.use_raters, progress=self.progress)
+        self.val_cases = (load_cases(self.val_items, cfg, progress=self.progress)
+                          if self.val_items and ddp.is_main() else [])
+        if not any(bool(lab.any()) for _, lab in self.train_cases):
+            raise InputError("every training label is empty (no foreground voxel): nothing to learn")
+        if self.val_cases and not any(bool(lab[:1].any()) for _, lab in self.val_cases):
+            raise InputError("the validation labels are all empty: no foreground to score the model on")
+        self.sampler = PatchSampler(self.train_cases, cfg, seed=self.seed + ddp.rank())  # DDP: other batches per rank
+        objective = DiffusionObjective(cfg, weight_fn=_weight_fn(cfg)) if cfg.is_diffusion else None
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-4)
+        self.fine_tune = (bool(saved["fine_tune"]) if saved is not None
+                          else self.init_state is not None and self.resume is None)
+        if self.warmup_steps is None:
+            self.warmup_steps = 100 if self.fine_tune else 0
+        # exponential moving average of the weights, used for validation and saved (Ho et al. 2020);
+        # when fine-tuning, the average starts from the trained weights instead of warming up from them
+        self.ema = torch.optim.swa_utils.AveragedModel(
+            self.net, avg_fn=_ema(self.ema_decay, offset=100 if self.fine_tune else 0), use_buffers=True
+        )
+        if self.opt_state is not None:
+            self.opt.load_state_dict(self.opt_state)
+        self.lr_progress = self.lr_progress0
+        cosine = self.lr_schedule == "cosine"
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda i: _lr_factor(i, self.warmup_steps, self.lr_progress if cosine else 0.0)
+        )
+        if saved is not None:  # after the scheduler, whose first step rewrites the learning rate
+            self.opt.load_state_dict(saved["optimizer"])
+            self.sched.load_state_dict(saved["scheduler"])
+            self.ema.load_state_dict(saved["ema"])
+        if self.iterations_per_epoch is None:
+            n_slices = (sum(img.shape[-1] if img.ndim == 4 else 1 for img, _ in self.train_cases)
+                        if cfg.spatial_dims == 2 else 8 * len(self.train_cases))
+            self.iterations_per_epoch = int(min(200, max(20, math.ceil(n_slices / self.batch_size))))
+        self.gen = torch.Generator().manual_seed(self.seed + ddp.rank())
+        if saved is not None and ddp.is_main():  # the state holds rank 0's; other ranks keep their own seeds
+            _set_rng_states(saved["rng"], self.gen, self.sampler)
+        # the batch loss as one module: DDP (gradients averaged over ranks) inside a process group
+        self.model = ddp.wrap(self.net, functools.partial(step_loss, cfg=cfg, objective=objective, generator=self.gen),
+                              self.device)
+
+    # -- the clock ----------------------------------------------------------------------------------
+    def past_deadline(self) -> bool:
+        """Has any rank run out of time?"""
+        return self.deadline is not None and ddp.any_rank(time.perf_counter() > self.deadline)
+
+    def run_share(self) -> float:
         """How far this run is towards its end (steps or clock, whichever is further)."""
-        share = (step - step0) / (total * iterations_per_epoch)
-        if deadline is not None:
-            share = max(share, (time.perf_counter() - t0) / (60 * max_minutes))
+        share = (self.step - self.step0) / (self.total * self.iterations_per_epoch)
+        if self.deadline is not None:
+            share = max(share, (time.perf_counter() - self.t0) / (60 * self.max_minutes))
         return min(1.0, share)
-    result = TrainResult(str(output) if output else None, 0, step, 0.0, -1.0, -1)
-    best_state = None
-    if saved is not None and output is not None and Path(output).resolve() == Path(resume).resolve():
-        # same model file: a resumed epoch replaces it only if it beats the best so far
-        result.best_dice, result.best_epoch, best_state = float(saved["best_dice"]), int(saved["best_epoch"]), best_saved
 
-    def save(state: dict, epoch: int) -> None:
-        if output is not None and ddp.is_main():
-            save_checkpoint(output, state, cfg, epoch=epoch, step=step, best_dice=result.best_dice)
+    # -- one epoch ----------------------------------------------------------------------------------
+    def train_epoch(self) -> float:
+        """``iterations_per_epoch`` optimiser steps (fewer at the deadline); their mean loss."""
+        self.net.train()
+        losses = []
+        for _ in range(self.iterations_per_epoch):
+            image, label = self.sampler.sample(self.batch_size)
+            loss = self.model(image.to(self.device), label.to(self.device))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+            self.opt.step()
+            self.step += 1
+            self.lr_progress = self.lr_progress0 + (1.0 - self.lr_progress0) * self.run_share()
+            self.sched.step()
+            self.ema.update_parameters(self.net)
+            losses.append(float(loss.detach()))
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if self.past_deadline():
+                break
+        return float(np.mean(losses))
 
-    def save_training_state(epoch: int) -> None:
-        if output is not None and save_state and ddp.is_main():
+    def validate(self) -> float:
+        """Validation Dice of the averaged weights (NaN: no validation case)."""
+        return validation_dice(self.ema.module, self.cfg, self.val_cases, num_samples=self.val_samples)
+
+    def keep_best(self, score: float, epoch: int) -> None:
+        """Write the averaged weights when ``score`` (Dice, or minus the loss) is the best so far."""
+        if not math.isnan(score) and (self.best_state is None or score > self.result.best_dice):
+            self.result.best_dice, self.result.best_epoch = score, epoch
+            self.best_state = {k: v.detach().clone() for k, v in self.ema.module.state_dict().items()}
+            self.save(self.best_state, epoch)
+
+    def save(self, state: dict, epoch: int) -> None:
+        if self.output is not None and ddp.is_main():
+            save_checkpoint(self.output, state, self.cfg, epoch=epoch, step=self.step, best_dice=self.result.best_dice)
+
+    def save_training_state(self, epoch: int) -> None:
+        """``<output>.state``: everything :meth:`resume_from` needs to continue exactly."""
+        if self.output is not None and self.save_state and ddp.is_main():
             save_checkpoint(
-                training_state_path(output), net.state_dict(), cfg, ema=ema.state_dict(), optimizer=opt.state_dict(),
-                scheduler=sched.state_dict(), epoch=epoch, step=step, best_dice=result.best_dice,
-                best_epoch=result.best_epoch, warmup_steps=warmup_steps, fine_tune=fine_tune,
-                lr_progress=schedule["progress"],
-                rng=_rng_states(gen, sampler), options=dict(options or {}),
+                training_state_path(self.output), self.net.state_dict(), self.cfg, ema=self.ema.state_dict(),
+                optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), epoch=epoch, step=self.step,
+                best_dice=self.result.best_dice, best_epoch=self.result.best_epoch, warmup_steps=self.warmup_steps,
+                fine_tune=self.fine_tune, lr_progress=self.lr_progress, rng=_rng_states(self.gen, self.sampler),
+                options=dict(self.options or {}),
             )
 
-    bar = None
-    if progress:
-        bar = tqdm(total=None if epochs is None else epochs * iterations_per_epoch, desc="train", unit="it")
-    epoch = start_epoch
-    for epoch in range(start_epoch + 1, start_epoch + total + 1):
-        net.train()
-        losses = []
-        for _ in range(iterations_per_epoch):
-            image, label = sampler.sample(batch_size)
-            image, label = image.to(device), label.to(device)
-            loss = model(image, label)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-            step += 1
-            schedule["progress"] = progress0 + (1.0 - progress0) * run_share()
-            sched.step()
-            ema.update_parameters(net)
-            losses.append(float(loss.detach()))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if deadline is not None and ddp.any_rank(time.perf_counter() > deadline):
+    def report(self, epoch: int, dice: float) -> None:
+        if self.callback is not None and ddp.is_main():
+            self.callback({"epoch": epoch, "step": self.step, "loss": self.result.losses[-1], "val_dice": dice,
+                           "best_dice": self.result.best_dice, "seconds": time.perf_counter() - self.t0,
+                           "lr": self.opt.param_groups[0]["lr"]})
+
+    # -- the run ------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        torch.manual_seed(self.seed)
+        if self.resume is not None:
+            self.resume_from(self.resume)
+        self.build()
+        self.t0 = time.perf_counter()
+        self.deadline = None if self.max_minutes is None else self.t0 + 60 * self.max_minutes
+        self.total = self.epochs if self.epochs is not None else 10**9
+        self.step0 = self.step
+        self.result = TrainResult(str(self.output) if self.output else None, 0, self.step, 0.0, -1.0, -1)
+        self.best_state = None
+        if (self.saved is not None and self.output is not None
+                and Path(self.output).resolve() == Path(self.resume).resolve()):
+            # same model file: a resumed epoch replaces it only if it beats the best so far
+            self.result.best_dice, self.result.best_epoch = float(self.saved["best_dice"]), int(self.saved["best_epoch"])
+            self.best_state = self.best_saved
+        self.bar = None
+        if self.progress:
+            self.bar = tqdm(total=None if self.epochs is None else self.epochs * self.iterations_per_epoch,
+                            desc="train", unit="it")
+        epoch, score = self.start_epoch, float("nan")
+        for epoch in range(self.start_epoch + 1, self.start_epoch + self.total + 1):
+            self.result.losses.append(self.train_epoch())
+            stop = self.past_deadline()
+            dice = float("nan")
+            if self.val_cases and (epoch % self.val_every == 0 or stop or epoch == self.start_epoch + self.total):
+                dice = self.validate()
+                self.result.val_dice.append(dice)
+            score = dice if self.val_cases else -self.result.losses[-1]
+            self.keep_best(score, epoch)
+            self.save_training_state(epoch)
+            self.report(epoch, dice)
+            if stop:
                 break
-        result.losses.append(float(np.mean(losses)))
-        stop = deadline is not None and ddp.any_rank(time.perf_counter() > deadline)
-        last = stop or epoch == start_epoch + total
-        dice = float("nan")
-        if val_cases and (epoch % val_every == 0 or last):
-            dice = validation_dice(ema.module, cfg, val_cases, num_samples=val_samples)
-            result.val_dice.append(dice)
-        score = dice if val_cases else -result.losses[-1]
-        if not math.isnan(score) and (best_state is None or score > result.best_dice):
-            result.best_dice, result.best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in ema.module.state_dict().items()}
-            save(best_state, epoch)
-        save_training_state(epoch)
-        if callback is not None and ddp.is_main():
-            callback({"epoch": epoch, "step": step, "loss": result.losses[-1], "val_dice": dice,
-                      "best_dice": result.best_dice, "seconds": time.perf_counter() - t0,
-                      "lr": opt.param_groups[0]["lr"]})
-        if stop:
-            break
-    if bar is not None:
-        bar.close()
-    if keep == "last" and epoch > start_epoch:
-        result.best_dice, result.best_epoch = score, epoch
-        save(ema.module.state_dict(), epoch)
-    result.epochs, result.steps, result.seconds = epoch - start_epoch, step, time.perf_counter() - t0
-    if not val_cases:
-        result.best_dice = float("nan")
-    return result
+        if self.bar is not None:
+            self.bar.close()
+        return self.finish(epoch, score)
+
+    def finish(self, epoch: int, score: float) -> TrainResult:
+        """With ``keep="last"`` write the last epoch's averaged weights; the run's summary."""
+        if self.keep == "last" and epoch > self.start_epoch:
+            self.result.best_dice, self.result.best_epoch = score, epoch
+            self.save(self.ema.module.state_dict(), epoch)
+        self.result.epochs, self.result.steps = epoch - self.start_epoch, self.step
+        self.result.seconds = time.perf_counter() - self.t0
+        if not self.val_cases:
+            self.result.best_dice = float("nan")
+        return self.result
 
 
 def step_loss(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import tempfile
 import threading
 
@@ -25,7 +24,7 @@ from fastapi import HTTPException
 from lib.auth import answer_refused_logins, close_open_routes, fix_token_validation
 from lib.configs import SegDiffTaskConfig
 from lib.datastore import SegDiffDICOMWebDatastore
-from lib.guards import check_infer_request, check_train_request, checked_sessions, describe_segments
+from lib.guards import check_infer_request, checked_sessions, describe_segments, refuse_bad_train_options
 from lib.localstore import SegDiffLocalDatastore
 from lib.model import SegDiffAppError
 from monailabel.config import settings
@@ -49,6 +48,7 @@ class SegDiffApp(MONAILabelApp):
             fix_token_validation()  # else every token is refused (PyJWT 2)
             close_open_routes()  # POST /reload needs no token
             answer_refused_logins()  # a wrong password was a bare 500
+        refuse_bad_train_options()  # 422 before a train subprocess starts (lib/guards.py)
         self.model_dir = os.path.join(app_dir, "model")
         self.task = SegDiffTaskConfig()
         self.task.init("segdiff", self.model_dir, conf, None, studies=studies)
@@ -124,8 +124,7 @@ class SegDiffApp(MONAILabelApp):
     def bundle_path(self, model):
         """MONAI Label 0.8.5 calls this in the request thread just before it starts a train subprocess
         (``AsyncTask.run``): the place to refuse a training that cannot work with a 4xx answer instead
-        of a background task that fails later. It passes only the model name; the request's options
-        are read from the caller's ``request`` (left unchecked here if MONAI Label's code differs)."""
+        of a background task that fails later (the options are checked by ``refuse_bad_train_options``)."""
         if model in self._trainers:
             labelled = len(self.datastore().get_labeled_images())
             if labelled < MIN_TRAIN_CASES:
@@ -134,10 +133,6 @@ class SegDiffApp(MONAILabelApp):
                     f"training needs at least {MIN_TRAIN_CASES} images with a final label (one is held out to "
                     f"check the model before it replaces the served one); the datastore has {labelled}",
                 )
-            caller = sys._getframe(1)
-            request = caller.f_locals.get("request") if caller.f_code.co_name == "run" else None
-            if isinstance(request, dict):
-                check_train_request(request)
         return super().bundle_path(model)
 
     def sessions(self):

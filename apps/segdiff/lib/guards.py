@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.utils.async_tasks.task import AsyncTask
 
 from monai_segdiff.retrain import RetrainOptions
 from monai_segdiff.errors import InputError
@@ -51,6 +52,24 @@ def check_train_request(request: dict) -> None:
         RetrainOptions.from_request(request)
     except InputError as e:
         raise HTTPException(422, str(e)) from None
+
+
+def refuse_bad_train_options() -> None:
+    """Check every train request's options before MONAI Label starts its subprocess. MONAI Label 0.8.5
+    has no app hook that sees the request in the request thread (``AsyncTask.run`` merges the endpoint's
+    ``params`` and starts the subprocess; the trainer would only fail later, in the background), so its
+    ``AsyncTask.run`` is wrapped, once, as ``lib/auth.py`` wraps its token checks."""
+    original = AsyncTask.run
+    if getattr(original, "segdiff_checked", False):
+        return
+
+    def run(method, request=None, params=None, force_sync=False, enqueue=False):
+        if method == "train":
+            check_train_request({**(request or {}), **(params or {})})
+        return original(method, request=request, params=params, force_sync=force_sync, enqueue=enqueue)
+
+    run.segdiff_checked = True
+    AsyncTask.run = staticmethod(run)
 
 
 def readable_path(image: str, server_mode: bool, sessions_root: str | None) -> bool:
