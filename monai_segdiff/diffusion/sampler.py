@@ -75,13 +75,28 @@ class DiffusionSampler:
         num_samples: int,
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
+        known: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Return x0 estimates ``[N, B, K, *spatial]`` in [-1, 1] for ``image [B, C, *spatial]``,
-        starting from ``noise [N * B, K, *spatial]`` (member-major) or fresh noise from ``generator``."""
-        return self._sample(net, image, num_samples, generator, noise)[0]
+        starting from ``noise [N * B, K, *spatial]`` (member-major) or fresh noise from ``generator``.
+
+        ``known = (values [B, K, *spatial] in [-1, 1], mask [B, 1, *spatial] bool)``: voxels the annotator
+        fixed (clicks, corrected slices), held at every step as in RePaint (Lugmayr et al., 2022, "RePaint:
+        inpainting using denoising diffusion probabilistic models"): after each step the held voxels of
+        ``x_{t-1}`` are the known mask noised to ``t-1`` with the member's own initial noise (no extra
+        random draw, so an empty mask gives exactly the unconditioned samples), and the returned x0 holds
+        them exactly. Needs no retraining."""
+        return self._sample(net, image, num_samples, generator, noise, known)[0]
+
+    def _alpha_bar(self, t: int) -> float:
+        """``alpha_bar_t`` of the training schedule; 1 before the first timestep (clean data)."""
+        if t < 0:
+            return float(getattr(self.scheduler, "final_alpha_cumprod", 1.0))
+        return float(self.scheduler.alphas_cumprod[t])
 
     def _sample(self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None,
-                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                noise: torch.Tensor | None = None, known: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """As :meth:`sample`, plus the anchor probabilities ``[B, K, ...]`` (or None) from the same condition."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -99,6 +114,13 @@ class DiffusionSampler:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         x = (torch.randn(shape, generator=generator, device="cpu") if noise is None else noise).to(image.device)
         x0 = x
+        held = None
+        if known is not None:  # the same known voxels for every member (member-major, as the noise)
+            values, mask = known
+            values = torch.cat([values.to(x)] * num_samples)
+            mask = torch.cat([mask.to(image.device, torch.bool)] * num_samples).expand_as(x)
+            held = (values, mask, x.clone())
+        stride = self.scheduler.num_train_timesteps // self.scheduler.num_inference_steps
         for t in self.scheduler.timesteps.tolist():
             tt = torch.full((shape[0],), t, device=image.device, dtype=torch.long)
             out = net(x, tt, cond)
@@ -106,6 +128,11 @@ class DiffusionSampler:
                 x, x0 = self.scheduler.step(out, t, x, eta=self.eta, generator=generator)
             else:
                 x, x0 = self.scheduler.step(out, t, x, generator=generator)
+            if held is not None:
+                values, mask, x_t0 = held
+                a = self._alpha_bar(t - stride)
+                x = torch.where(mask, a**0.5 * values + (1 - a) ** 0.5 * x_t0, x)
+                x0 = torch.where(mask, values, x0)
         return x0.clamp(-1, 1).reshape(num_samples, b, *shape[1:]), anchor
 
     def probabilities(
