@@ -34,7 +34,8 @@ from .slicer_io import is_seg_nrrd, segment_names
 from .validation import check_label_file
 
 __all__ = [
-    "LabelConflict", "REPLACED", "UPLOADS", "submitted_names", "check_submission", "check_values_in_set",
+    "LabelConflict", "REPLACED", "UPLOADS", "submitted_names", "check_submission", "check_named", "check_in_set",
+    "check_values_in_set",
     "bootstrap_names", "keep_upload", "keep_replaced", "stage_label", "refuse_empty_over", "save_answer",
 ]
 
@@ -68,19 +69,28 @@ def check_submission(label_file: str | Path, image: MetaTensor, names: list[str]
         check_label_file(label_file, image, None, {n: i + 1 for i, n in enumerate(names)})
         return None
     found = check_label_file(label_file, image)
-    unnamed = [v for v in found.get("values", []) if names is not None and v > len(names)]
+    if names is not None:
+        check_named(found.get("values", []), names)
+    return found
+
+
+def check_named(values: Iterable[int], names: Sequence[str]) -> None:
+    """Every value of a submitted label must be one of the ``len(names)`` named segments (1..n)."""
+    unnamed = [v for v in values if v > len(names)]
     if unnamed:
         raise InputError(f"label values {unnamed} are not named by label_info ({len(names)} segment(s): "
                          f"{', '.join(names) or 'none'}): each value 1..n must be named")
-    return found
 
 
 def check_values_in_set(studies: str | Path, values: Iterable[int]) -> None:
     """A label sent without segment names must use the label set's values; a folder without a label set
     yet takes ``label1..labelK`` (:func:`bootstrap_names`)."""
-    if not (Path(studies) / LABELS_FILE).is_file():
-        return
-    labels = LabelSet.load(studies)
+    if (Path(studies) / LABELS_FILE).is_file():
+        check_in_set(values, LabelSet.load(studies))
+
+
+def check_in_set(values: Iterable[int], labels: LabelSet) -> None:
+    """Values of a label sent without segment names must be values of ``labels``."""
     unknown = [v for v in values if v > len(labels)]
     if unknown:
         raise InputError(f"label values {unknown} are outside the label set {labels.to_dict()}; send label_info "

@@ -36,6 +36,7 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from monai_segdiff import labelstore
+from monai_segdiff.errors import InputError
 from monai_segdiff.labelset import LABELS_FILE, LabelSet, SegmentMapping, extend_label_set, write_label
 
 from .labels import present_values, seg_label_info
@@ -87,17 +88,17 @@ class SegDiffDICOMWebDatastore(DICOMWebDatastore):
         except Exception as e:  # unreadable: MONAI Label's conversion reports it
             logger.warning(f"segdiff: could not check label values of {label_filename}: {e}")
             return
-        names = labelstore.submitted_names({"label_info": given}, label_filename) if given else None
-        unnamed = [v for v in values if names is not None and v > len(names)]
-        if unnamed:
-            raise HTTPException(422, f"label values {unnamed} are not named by label_info ({len(names)} segment(s): "
-                                     f"{', '.join(names)}): each value 1..n must be named")
-        uploaded = labelstore.keep_upload(self.label_folder, label_filename, DefaultLabelTag.FINAL.value,
-                                          f"{image_id}{''.join(Path(label_filename).suffixes)}", label_info)
-        labels, mapping = self.label_set(names)
-        if names is None and any(v > len(labels) for v in values):
-            raise HTTPException(422, f"label values {values} are outside the label set {labels.to_dict()}; send "
-                                     "label_info naming each segment (3D Slicer does) to add labels")
+        try:
+            names = labelstore.submitted_names({"label_info": given}, label_filename) if given else None
+            if names is not None:
+                labelstore.check_named(values, names)
+            uploaded = labelstore.keep_upload(self.label_folder, label_filename, DefaultLabelTag.FINAL.value,
+                                              f"{image_id}{''.join(Path(label_filename).suffixes)}", label_info)
+            labels, mapping = self.label_set(names)
+            if names is None:
+                labelstore.check_in_set(values, labels)
+        except InputError as e:
+            raise HTTPException(422, str(e)) from None
         if mapping is not None:  # the upload's folder is MONAI Label's temporary one: not watched
             write_label(label_filename, label_filename, mapping.values, Path(label_filename).parent)
             values = present_values(label_filename)
