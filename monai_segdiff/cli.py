@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from . import al_simulation, data, evaluation
+from . import al_simulation, click_bench, data, evaluation
 from .bench import main_bench
 from .bundle import export_bundle
 from .config import (
@@ -54,7 +54,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "init": None, "resume": None, "iterations_per_epoch": None, "device": _TRAIN["device"], "use_raters": None,
     "anchor": None, "boundary_loss": None, "extra": None,
     "studies": None, "output": None, "postprocess": None, "tta_flips": None, "quiet": False, "tensorboard": None,
-    "augment": None, "update": None,
+    "augment": None, "update": None, "click_channels": None,
 }
 # never taken over from the run that --resume continues (its other options are, unless given again)
 RESUME_OWN = ("studies", "output", "resume", "init", "update", "quiet")
@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "on by default for a new medsegdiff model)")
     t.add_argument("--boundary-loss", action="store_true", default=None,
                    help="DermoSegDiff boundary-aware loss weights (on by default for dermosegdiff)")
+    t.add_argument("--click-channels", action="store_true", default=None,
+                   help="train a new model for correction with clicks: one guidance channel per class, "
+                        "trained with simulated clicks on its own errors (DeepEdit's recipe)")
     t.add_argument("--init", help="checkpoint to fine-tune from")
     t.add_argument("--update", metavar="MODEL",
                    help="retrain MODEL as the app's Train does: fine-tune it when it fits the studies' labels, "
@@ -160,11 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--device", default="cpu")
     i.add_argument("--quiet", action="store_true")
     b = sub.add_parser("bench", help="performance comparisons (JSON with ratios, printed as a table)")
-    b.add_argument("--model", required=True)
+    b.add_argument("--model", required=True, nargs="+", help="checkpoint (--interactive: one or more side by side)")
     b.add_argument("--studies", default=str(Path(__file__).resolve().parents[1] / "sample-data" / "phantoms"))
     b.add_argument("--samples", type=int, default=5)
     b.add_argument("--quick", action="store_true", help="small sizes, one repeat (< 5 minutes)")
     b.add_argument("--output", help="JSON file to write")
+    b.add_argument("--interactive", action="store_true",
+                   help="the interaction benchmark: a simulated annotator clicks at the centre of the largest "
+                        "error, one click at a time; Dice after 0/1/3/5/10 clicks, NoC@85/90, seconds per click")
+    b.add_argument("--max-clicks", type=int, default=20, help="--interactive: clicks per case (NoC cap)")
+    b.add_argument("--cases", type=int, help="--interactive: the first N labelled cases of --studies")
     add_evaluate_parser(sub)
     add_al_parser(sub)
     x = sub.add_parser("export-bundle", help="write a MONAI Bundle that `python -m monai.bundle run` executes")
@@ -278,6 +286,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             channels=o["channels"], spacing=o["spacing"], roi_size=o["roi_size"], context=o["context"],
             prediction_type=o["prediction_type"], sample_steps=o["steps"], num_samples=o["samples"],
             intensity=o["intensity"], postprocess=o["postprocess"] or [], extra=_extra(o),
+            click_channels=bool(o["click_channels"]),
         )
     if o["augment"] is not None:  # also for --init / --resume: augmentation is a training choice
         cfg = cfg.replace(augment=o["augment"])
@@ -493,7 +502,26 @@ def cmd_export_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    return main_bench(args)
+    if not args.interactive:
+        if len(args.model) != 1:
+            raise CLIError("bench takes one --model (several only with --interactive)")
+        args.model = args.model[0]
+        return main_bench(args)
+    if args.max_clicks < 1:
+        raise CLIError(f"--max-clicks must be >= 1, got {args.max_clicks}")
+    cases = data.labelled(data.datalist(args.studies))[: args.cases]
+    if not cases:
+        raise CLIError(f"no labelled case in {args.studies}")
+    result = click_bench.run(args.model, cases, max_clicks=args.max_clicks, num_samples=args.samples)
+    if args.output:
+        write_json(result, Path(args.output))
+    print("| model | Dice @ " + " / ".join(map(str, click_bench.REPORT_AT)) + " clicks | NoC@85 | NoC@90 "
+          "| plain s | s per click |\n|---|---|---|---|---|---|")
+    for model, r in result.items():
+        at = " / ".join(f"{v:.3f}" for v in r["dice_at"].values())
+        print(f"| {Path(model).name} ({r['network']}{', clicks' if r['click_channels'] else ''}) | {at} "
+              f"| {r['noc85']:.1f} | {r['noc90']:.1f} | {r['plain_s']:.1f} | {r['click_s']:.1f} |")
+    return 0
 
 
 COMMANDS = {

@@ -129,6 +129,9 @@ class SegDiffConfig:
             3D up to 8; see ``monai_segdiff.tta``). Costs as many network runs per member.
         postprocess: default clean-up of the fused mask (``median``, ``confident_component``,
             ``largest_component``, ``fill_holes``; see ``monai_segdiff.postprocess``); empty: none.
+        click_channels: the network also sees one guidance channel per class (the annotator's clicks,
+            ``monai_segdiff.clicks.guidance``) and was trained with simulated clicks (DeepEdit's recipe,
+            ``monai_segdiff.interaction``); without clicks the channels are zero.
     """
 
     labels: list[str] = field(default_factory=lambda: ["foreground"])
@@ -163,6 +166,7 @@ class SegDiffConfig:
     anchor_share: float = 0.5
     tta_flips: int = 1
     postprocess: list[str] = field(default_factory=list)
+    click_channels: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -184,6 +188,16 @@ class SegDiffConfig:
         """Image channels the network sees (2.5D context slices included)."""
         extra = 2 * self.context if self.spatial_dims == 2 else 0
         return self.image_channels * (1 + extra)
+
+    @property
+    def guidance_channels(self) -> int:
+        """Click guidance channels after the image channels (one per class, or none)."""
+        return self.num_classes if self.click_channels else 0
+
+    @property
+    def network_channels(self) -> int:
+        """Input channels of the network's image path: image (with context) + guidance."""
+        return self.in_channels + self.guidance_channels
 
     @property
     def is_diffusion(self) -> bool:

@@ -17,6 +17,7 @@ from monai.transforms import ResampleToMatch
 from torch import nn
 
 from . import uncertainty as unc
+from .clicks import Clicks, click_region, guidance
 from .config import SegDiffConfig, load_checkpoint
 from .diffusion.inferer import EnsembleOutput, SegDiffInferer
 from .diffusion.sampler import build_sampler
@@ -130,24 +131,90 @@ class Segmenter:
         return cls(net, cfg, **kwargs)
 
     def _members(self, net: nn.Module, batch: torch.Tensor, n: int, gen: torch.Generator | None) -> tuple:
-        p, anchor = self.sampler.members_and_anchor(net, batch.to(self.device), n, gen)
+        """Members of one batch ``[B, C' (+ guidance) (+ K known values + 1 known mask), ...]``: the side
+        channels the inferer appended are split off here (see :meth:`side_channels`)."""
+        c, g, k = self.cfg.in_channels, self.cfg.guidance_channels, self.cfg.num_classes
+        image, rest = batch[:, : c + g], batch[:, c + g :]
+        if image.shape[1] < c + g:  # a click-trained network without clicks: zero guidance
+            image = torch.cat([image, image.new_zeros(image.shape[0], c + g - image.shape[1], *image.shape[2:])], 1)
+        known = (rest[:, :k].to(self.device), rest[:, k : k + 1].to(self.device) > 0.5) if rest.shape[1] else None
+        p, anchor = self.sampler.members_and_anchor(net, image.to(self.device), n, gen, known=known)
         return p.float().cpu(), (None if anchor is None else anchor.float().cpu())
 
-    def ensemble(self, preprocessed: torch.Tensor) -> EnsembleOutput:
-        """Run the ensemble on an already preprocessed image ``[C, *spatial]``."""
-        return self.inferer(preprocessed, self.net)
+    def side_channels(self, shape, clicks: Clicks | None = None,
+                      known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Per-voxel channels for the inferer on the working grid ``shape``: the click guidance (a
+        click-trained network) and, when anything is held, the held values (one-hot in [-1, 1]) and mask.
+        ``clicks`` are on the working grid; ``known = (label [1, *shape], mask [1, *shape])`` holds
+        voxels of a label the annotator made (partial labels); clicks win where both hold a voxel."""
+        slice_model = self.cfg.spatial_dims == 2
+        parts = []
+        if self.cfg.click_channels:
+            parts.append(guidance(clicks or Clicks(), shape, self.cfg.num_classes, slice_model))
+        values, mask = click_region(clicks or Clicks(), shape, self.cfg.num_classes, slice_model)
+        if known is not None:
+            label, held = torch.as_tensor(known[0])[0].long(), torch.as_tensor(known[1])[0].bool() & ~mask[0]
+            if int(label.max()) >= self.cfg.num_classes or int(label.min()) < 0:
+                raise InputError(f"the known label holds values outside 0..{self.cfg.num_classes - 1}")
+            onehot = torch.nn.functional.one_hot(label, self.cfg.num_classes).movedim(-1, 0).float() * 2 - 1
+            values = torch.where(held[None], onehot, values)
+            mask = mask | held[None]
+        if mask.any():
+            parts += [values, mask.float()]
+        return torch.cat(parts) if parts else None
 
-    def __call__(self, image: ImageFiles | MetaTensor) -> Prediction:
-        """Segment an image file (or one file per channel) or a loaded ``[C, *spatial]`` image."""
+    def held_mask(self, side: torch.Tensor | None) -> torch.Tensor | None:
+        """The held-voxel mask ``[1, *spatial]`` bool of side channels, None when nothing is held."""
+        if side is None or side.shape[0] <= self.cfg.guidance_channels:
+            return None
+        return side[-1:] > 0.5
+
+    def ensemble(self, preprocessed: torch.Tensor, side: torch.Tensor | None = None,
+                 previous: EnsembleOutput | None = None) -> EnsembleOutput:
+        """Run the ensemble on an already preprocessed image ``[C, *spatial]``, with optional side
+        channels (:meth:`side_channels`). With ``previous`` (the plain result of the same image) a slice
+        model recomputes only the slices the side channels touch and copies the rest."""
+        held = self.held_mask(side)
+        if previous is not None and held is None:
+            return previous  # nothing held: the plain result (a click always holds its neighbourhood)
+        only = None
+        if previous is not None and self.cfg.spatial_dims == 2 and preprocessed.ndim == 4:
+            only = torch.nonzero(held.flatten(0, 2).amax(0)).flatten().tolist()
+        return self.inferer(preprocessed, self.net, side=side, only=only, previous=previous if only is not None else None)
+
+    def __call__(
+        self,
+        image: ImageFiles | MetaTensor | None,
+        clicks: Clicks | None = None,
+        known: tuple[torch.Tensor, torch.Tensor] | None = None,
+        previous: "Prediction | None" = None,
+    ) -> Prediction:
+        """Segment an image file (or one file per channel) or a loaded ``[C, *spatial]`` image.
+
+        Interactive use: ``clicks`` (voxel indices of the input image, see :mod:`monai_segdiff.clicks`)
+        and ``known = (label [1, *spatial], mask [1, *spatial])`` on the input grid (the annotator's
+        label and which of its voxels are final) are held in every member; the answer gives every
+        clicked voxel and every known voxel its label. ``previous``: the plain (click-free) prediction of
+        the same image, whose preprocessed image and ensemble are reused (``image`` may then be None): a
+        slice model reruns only the slices holding clicks or known voxels."""
         t0 = time.perf_counter()
-        img = image if isinstance(image, torch.Tensor) else load_image(image)
-        if not isinstance(img, MetaTensor):
-            img = MetaTensor(img)
+        if previous is not None:
+            img = previous.label  # the input grid (shape, affine, meta) of the same image
+        else:
+            img = image if isinstance(image, torch.Tensor) else load_image(image)
+            if not isinstance(img, MetaTensor):
+                img = MetaTensor(img)
         t_load = time.perf_counter()
-        check_image(img, self.cfg)
-        pre = apply(self.preprocess[img.ndim - 1], {"image": img.float()})["image"]
+        if previous is not None:
+            pre = previous.preprocessed
+        else:
+            check_image(img, self.cfg)
+            pre = apply(self.preprocess[img.ndim - 1], {"image": img.float()})["image"]
+        work_clicks = None if not clicks else clicks.to_grid(img.affine, pre.affine, pre.shape[1:])
+        work_known = None if known is None else self._to_working_grid(known, img, pre)
+        side = self.side_channels(pre.shape[1:], work_clicks, work_known) if (clicks or known is not None) else None
         t_pre = time.perf_counter()
-        out = self.ensemble(pre)
+        out = self.ensemble(pre, side, None if previous is None else previous.ensemble)
         t_ens = time.perf_counter()
         umap = unc.uncertainty_map(self.uncertainty_kind, out.probs, out.samples, out.expected_entropy)
         t_unc = time.perf_counter()
@@ -160,6 +227,7 @@ class Segmenter:
         t_back = time.perf_counter()
         if self.postprocess:  # resampling to the input grid can bring back specks or holes
             label = MetaTensor(self.postprocess.clean(label[0], median=False)[None], meta=label.meta)
+        label = self._hold_on_input_grid(label, clicks, known)
         t_clean = time.perf_counter()
         spacing = [float(s) for s in pre.pixdim[: pre.ndim - 1]] if hasattr(pre, "pixdim") else [1.0]
         stats = {
@@ -176,6 +244,14 @@ class Segmenter:
             "steps": getattr(self.sampler, "num_evaluations", 1),
             "network": self.cfg.network,
         }
+        if clicks or known is not None:
+            held = self.held_mask(side)
+            stats["interaction"] = {
+                "clicks": len(clicks or []),
+                "held_voxels": 0 if held is None else int(held.sum()),
+                "recomputed_slices": (int(held.flatten(0, 2).amax(0).sum()) if held is not None and previous
+                                      is not None and self.cfg.spatial_dims == 2 and pre.ndim == 4 else None),
+            }
         t_end = time.perf_counter()
         # seconds per stage: reading the file, RAS + spacing + intensity, the network ensemble, the
         # uncertainty map, the clean-up (both passes), resampling back to the input grid, statistics
@@ -185,6 +261,29 @@ class Segmenter:
             "resample_s": t_back - t_post, "statistics_s": t_end - t_clean, "total_s": t_end - t0,
         }
         return Prediction(label, umap_orig, out, pre, stats)
+
+    @staticmethod
+    def _to_working_grid(known, img: MetaTensor, pre: MetaTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The annotator's label and its final voxels from the input grid to the working grid (nearest)."""
+        label, mask = (torch.as_tensor(k) for k in known)
+        if label.shape[-(img.ndim - 1):] != img.shape[1:] or mask.shape != label.shape:
+            raise InputError(f"the known label has size {list(label.shape[1:])}, the image {list(img.shape[1:])}")
+        if pre.shape[1:] == img.shape[1:] and torch.allclose(pre.affine.double(), img.affine.double(), atol=1e-4):
+            return label, mask.bool()
+        nearest = ResampleToMatch(mode="nearest", padding_mode="zeros")
+        both = MetaTensor(torch.cat([label.float(), mask.float()]), affine=img.affine)
+        out = nearest(both, img_dst=MetaTensor(torch.zeros(1, *pre.shape[1:]), affine=pre.affine)).as_tensor()
+        return out[:1].round().long(), out[1:] > 0.5
+
+    @staticmethod
+    def _hold_on_input_grid(label: MetaTensor, clicks: Clicks | None, known) -> MetaTensor:
+        """Every known voxel and every clicked voxel of the input grid keeps its label in the answer."""
+        if known is not None:
+            k_label, k_mask = (torch.as_tensor(k) for k in known)
+            label[k_mask.bool()] = k_label[k_mask.bool()].to(label.dtype)
+        for value, p in (clicks.points if clicks else []):
+            label[(0, *p)] = value
+        return label
 
     def _to_input_grid(self, probs, umap, label_pre, pre: MetaTensor, img: MetaTensor):
         """Resample probabilities and the uncertainty map from the working grid to the input's."""

@@ -20,8 +20,9 @@ import numpy as np
 from monai.data import MetaTensor
 
 from .cache import LRUCache, file_signature
+from .clicks import Clicks
 from .config import CheckpointError, SegDiffConfig, load_checkpoint
-from .segmenter import Segmenter
+from .segmenter import Prediction, Segmenter
 from .values import finite
 
 __all__ = ["ServedModel", "CachedPrediction", "ModelMissing", "ModelUnusable", "ImageMissing", "model_ts"]
@@ -106,6 +107,8 @@ class ServedModel:
         self.postprocess, self.tta_flips = postprocess, tta_flips
         self.predictions: LRUCache[CachedPrediction] = LRUCache(cache_size)
         self._segmenters: LRUCache[Segmenter] = LRUCache(2)
+        # plain predictions with their ensembles, reused by click updates (the two latest images)
+        self.plains: LRUCache[Prediction] = LRUCache(2)
         self._lock = threading.Lock()
         self._config: tuple[tuple | None, SegDiffConfig | None] = (None, None)
         self._current: tuple | None = None
@@ -197,6 +200,7 @@ class ServedModel:
                     logger.info(f"model file changed ({self.path}): reloading")
                 self._segmenters.clear()
                 self.predictions.clear()
+                self.plains.clear()
                 self._current = sig
         samples = samples or self.samples
         steps = steps or self.steps
@@ -239,6 +243,27 @@ class ServedModel:
 
         def compute() -> CachedPrediction:
             p = seg(image_sig[0])  # InputError for an image it cannot segment
+            self.plains.put(key, p)
             return CachedPrediction(p.label, p.uncertainty.float(), finite(p.stats), ts)
 
         return self.predictions.get_or_compute(key, compute)
+
+    def correct(
+        self, image: str, clicks: Clicks | None = None, known: tuple | None = None, samples: int | None = None,
+        steps: int | None = None, device: str | None = None,
+    ) -> tuple[CachedPrediction, bool]:
+        """Re-segment ``image`` holding the annotator's ``clicks`` (input voxel indices) and ``known``
+        label voxels (see ``Segmenter.__call__``), reusing the plain prediction of the same image, model
+        and settings (computed first if needed): ``(prediction, plain prediction was cached)``."""
+        ts = self.ts()
+        seg, sig = self.segmenter(samples, steps, device)
+        try:
+            image_sig = file_signature(image)
+        except (FileNotFoundError, TypeError, ValueError):
+            raise ImageMissing(f"image not found: {image!r}") from None
+        key = (image_sig, sig, seg.num_samples, steps or self.steps, device or self.device, seg.tta_flips)
+        plain, cached = self.plains.get_or_compute(key, lambda: seg(image_sig[0]))
+        if clicks:
+            clicks = clicks.check_within(plain.label.shape[1:])
+        p = seg(None, clicks=clicks, known=known, previous=plain)
+        return CachedPrediction(p.label, p.uncertainty.float(), finite(p.stats), ts), cached

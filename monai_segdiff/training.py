@@ -24,6 +24,7 @@ from .diffusion.inferer import SegDiffInferer
 from .diffusion.objective import DiffusionObjective, supervised_loss
 from .diffusion.sampler import build_sampler
 from .errors import InputError
+from .interaction import with_simulated_clicks
 from .io import load_label
 from .losses import BoundaryWeights
 from .networks import build_network
@@ -136,7 +137,11 @@ def validation_dice(net: nn.Module, cfg: SegDiffConfig, cases, num_samples: int 
         roi_size=cfg.roi_size if cfg.spatial_dims == 3 else None, seed=0, anchor_share=cfg.anchor_share,
     )
     net.eval()
-    return pooled_dice(((inferer(img, net).probs.argmax(0), labels[0].long()) for img, labels in cases), cfg.num_classes)
+    def run(img: torch.Tensor) -> torch.Tensor:  # a click-trained network is scored without clicks
+        side = torch.zeros(cfg.guidance_channels, *img.shape[1:]) if cfg.click_channels else None
+        return inferer(img, net, side=side).probs.argmax(0)
+
+    return pooled_dice(((run(img), labels[0].long()) for img, labels in cases), cfg.num_classes)
 
 
 def pooled_dice(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> float:
@@ -432,7 +437,10 @@ def step_loss(
     net: nn.Module, image: torch.Tensor, label: torch.Tensor, cfg: SegDiffConfig,
     objective: DiffusionObjective | None, generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Loss of one batch: the diffusion objective, or Dice + CE for the deterministic baseline."""
+    """Loss of one batch: the diffusion objective, or Dice + CE for the deterministic baseline (a
+    click-trained model first gets simulated clicks as guidance channels)."""
+    if cfg.click_channels:
+        image = with_simulated_clicks(net, image, label, cfg, generator)
     if objective is not None:
         return objective(net, image, to_onehot_scaled(label, cfg.num_classes), generator=generator)[0]
     return supervised_loss(net(image), label)

@@ -44,13 +44,14 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "monai_segdiff"
 #: (layer, modules) bottom to top; "" is the package's own ``__init__``, a subpackage covers its files
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("", "errors", "atomic", "values", "config")),
-    ("data", ("data", "cache", "busy", "slicer_io", "transforms", "validation", "io", "labelset", "labelstore")),
+    ("data", ("data", "cache", "busy", "slicer_io", "transforms", "validation", "io", "labelset", "labelstore",
+              "clicks")),
     ("networks", ("networks", "losses")),
     ("diffusion", ("diffusion",)),
     ("uncertainty", ("uncertainty", "metrics", "postprocess", "tta")),
     ("inference", ("segmenter",)),
-    ("training", ("ddp", "planning", "training", "distributed", "retrain")),
-    ("faces", ("cli", "bundle", "report", "evaluation", "al_simulation", "bench", "tracking", "served")),
+    ("training", ("ddp", "planning", "interaction", "training", "distributed", "retrain")),
+    ("faces", ("cli", "bundle", "report", "evaluation", "al_simulation", "bench", "click_bench", "tracking", "served")),
 ]
 
 #: third-party modules that may be imported inside a function (heavy, and only some calls need them)

@@ -137,28 +137,54 @@ class SegDiffInferer(Inferer):
         self.max_batch_pixels, self.roi_size, self.overlap = max_batch_pixels, roi_size, overlap
         self.seed, self.progress, self.anchor_share = seed, progress, float(anchor_share)
 
-    def _generator(self) -> torch.Generator | None:
-        return None if self.seed is None else torch.Generator().manual_seed(int(self.seed))
+    def _generator(self, offset: int = 0) -> torch.Generator | None:
+        """The noise generator of one batch: seeded by ``seed`` and the batch's first slice, so a slice
+        gets the same noise whatever else is computed in the same call (a click update reruns only the
+        clicked slices' batches and reproduces every other slice of those batches)."""
+        return None if self.seed is None else torch.Generator().manual_seed(int(self.seed) * 100_003 + int(offset))
 
     @torch.inference_mode()
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> EnsembleOutput:
-        """``inputs [C, *spatial]`` (one preprocessed volume, or one 2D image)."""
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        network: nn.Module,
+        *args,
+        side: torch.Tensor | None = None,
+        only: Sequence[int] | None = None,
+        previous: EnsembleOutput | None = None,
+        **kwargs,
+    ) -> EnsembleOutput:
+        """``inputs [C, *spatial]`` (one preprocessed volume, or one 2D image).
+
+        ``side [E, *spatial]``: per-voxel channels appended to every batch after the image channels (with
+        their 2.5D context) and cut like them, never context-stacked (click guidance, held voxels: the
+        members function splits them off). ``only`` + ``previous`` (slice mode): compute only the batches
+        holding these slices, take every other slice from ``previous`` (an earlier result of the same
+        volume, seed and settings)."""
         x = torch.as_tensor(inputs).float()
+        side = None if side is None else torch.as_tensor(side).float()
         if x.ndim - 1 == 2 and self.spatial_dims == 2:  # a 2D image: the network sees it whole
-            out = self._slices(x[..., None], network)
+            out = self._slices(x[..., None], network, None if side is None else side[..., None])
             return EnsembleOutput(out.probs[..., 0], out.samples[..., 0], out.expected_entropy[..., 0])
         if self.spatial_dims == 2:
-            return self._slices(x, network)
-        return self._patches(x, network)
+            return self._slices(x, network, side, only, previous)
+        return self._patches(x, network, side)
 
-    def _slices(self, volume: torch.Tensor, net: nn.Module) -> EnsembleOutput:
+    def _slices(self, volume: torch.Tensor, net: nn.Module, side: torch.Tensor | None = None,
+                only: Sequence[int] | None = None, previous: EnsembleOutput | None = None) -> EnsembleOutput:
         c, h, w, d = volume.shape
-        probs = torch.zeros(self.k, h, w, d)
-        samples = torch.zeros(self.n, h, w, d, dtype=torch.uint8)
-        exp_ent = torch.zeros(h, w, d)
-        gen = self._generator()
+        if only is not None and previous is not None:
+            probs, samples = previous.probs.clone(), previous.samples.clone()
+            exp_ent = previous.expected_entropy.clone()
+            wanted = {int(z) for z in only}
+        else:
+            probs = torch.zeros(self.k, h, w, d)
+            samples = torch.zeros(self.n, h, w, d, dtype=torch.uint8)
+            exp_ent = torch.zeros(h, w, d)
+            wanted = None
         per_batch = max(1, self.max_batch_pixels // (self.n * h * w))
-        starts = range(0, d, per_batch)
+        starts = [z0 for z0 in range(0, d, per_batch)
+                  if wanted is None or wanted & set(range(z0, min(d, z0 + per_batch)))]
         if self.progress:
             starts = tqdm(starts, desc="slices", unit="batch", leave=False)
         for z0 in starts:
@@ -166,7 +192,9 @@ class SegDiffInferer(Inferer):
             sub = volume[..., max(0, z0 - self.context) : min(d, z1 + self.context)]
             batch = context_slices(sub, self.context)[z0 - max(0, z0 - self.context) :][: z1 - z0]
             batch, crop = pad_to_multiple(batch, self.divisor, 2)
-            p, anchor = _split(self.members(net, batch, self.n, gen), self.anchor_share)
+            if side is not None:  # padded with 0: no guidance, nothing held
+                batch = torch.cat([batch, pad_to_multiple(side[..., z0:z1].permute(3, 0, 1, 2), self.divisor, 2, 0.0)[0]], 1)
+            p, anchor = _split(self.members(net, batch, self.n, self._generator(z0)), self.anchor_share)
             p = p[..., crop[0], crop[1]]  # [N, B, K, h, w]
             anchor = None if anchor is None else anchor[..., crop[0], crop[1]]
             fused, ent = _fuse(p, anchor, self.anchor_share, 1)
@@ -175,7 +203,7 @@ class SegDiffInferer(Inferer):
             exp_ent[..., z0:z1] = ent.permute(1, 2, 0)
         return EnsembleOutput(probs, samples, exp_ent)
 
-    def _patches(self, volume: torch.Tensor, net: nn.Module) -> EnsembleOutput:
+    def _patches(self, volume: torch.Tensor, net: nn.Module, side: torch.Tensor | None = None) -> EnsembleOutput:
         gen = self._generator()
         roi = tuple(self.roi_size or [min(s, 64) for s in volume.shape[1:]])
         n, k = self.n, self.k
@@ -186,6 +214,8 @@ class SegDiffInferer(Inferer):
             return p if anchor is None else torch.cat([p, anchor.to(p.dtype)], 1)
 
         padded, crop = pad_to_multiple(volume[None], self.divisor, 3)
+        if side is not None:  # padded with 0: no guidance, nothing held
+            padded = torch.cat([padded, pad_to_multiple(side[None], self.divisor, 3, 0.0)[0]], 1)
         roi = tuple(min(r, s) - (min(r, s) % self.divisor) for r, s in zip(roi, padded.shape[2:]))
         sw_batch = max(1, self.max_batch_pixels // (n * math.prod(roi)))
         out = sliding_window_inference(

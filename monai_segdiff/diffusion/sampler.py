@@ -35,6 +35,15 @@ def trailing_timesteps(train_timesteps: int, steps: int) -> list[int]:
     return [int(round(train_timesteps - i * stride)) - 1 for i in range(steps)]
 
 
+def hold(probs: torch.Tensor | None, known: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+    """Probabilities ``[..., B, K, *spatial]`` with the ``known`` voxels (``(values [B, K, ...] in [-1, 1],
+    mask [B, 1, ...])``) set to their known label."""
+    if probs is None or known is None:
+        return probs
+    values, mask = known
+    return torch.where(mask.to(probs.device, torch.bool), ((values.to(probs) + 1) / 2), probs)
+
+
 class DiffusionSampler:
     """Draw ``num_samples`` masks per image.
 
@@ -143,12 +152,14 @@ class DiffusionSampler:
 
     @torch.inference_mode()
     def members_and_anchor(
-        self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+        self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None,
+        known: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(member probabilities [N, B, K, ...], the network's anchor probabilities [B, K, ...] or
-        None)`` from one run of the image path."""
-        x0, anchor = self._sample(net, image, num_samples, generator)
-        return x0_to_probs(x0, dim=2), anchor
+        None)`` from one run of the image path; ``known`` voxels held as in :meth:`sample` (the anchor
+        too: there it is the known label)."""
+        x0, anchor = self._sample(net, image, num_samples, generator, known=known)
+        return hold(x0_to_probs(x0, dim=2), known), hold(anchor, known)
 
 
 class MCDropoutSampler:
@@ -173,10 +184,12 @@ class MCDropoutSampler:
         return torch.softmax(logits.float(), dim=1).reshape(num_samples, image.shape[0], *logits.shape[1:])
 
     def members_and_anchor(
-        self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+        self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None,
+        known: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, None]:
-        """As :meth:`DiffusionSampler.members_and_anchor`; a plain network has no anchor."""
-        return self.probabilities(net, image, num_samples, generator), None
+        """As :meth:`DiffusionSampler.members_and_anchor`; a plain network has no anchor. ``known`` voxels
+        get the known label in every pass (a deterministic network has no sampling to condition)."""
+        return hold(self.probabilities(net, image, num_samples, generator), known), None
 
 
 def build_sampler(cfg: SegDiffConfig, steps: int | None = None, eta: float | None = None, method: str = "ddim"):

@@ -19,7 +19,7 @@ from .unet import BaselineUNet
 
 def build_network(cfg: SegDiffConfig) -> nn.Module:
     """Rebuild the network a config describes (weights are loaded separately)."""
-    common = dict(spatial_dims=cfg.spatial_dims, image_channels=cfg.in_channels, num_classes=cfg.num_classes)
+    common = dict(spatial_dims=cfg.spatial_dims, image_channels=cfg.network_channels, num_classes=cfg.num_classes)
     if cfg.network == "unet":
         return BaselineUNet(**common, channels=cfg.channels, dropout=cfg.dropout)
     if cfg.network == "concat":

@@ -50,6 +50,7 @@ from monai_segdiff.values import flag
 
 from ..activelearning.uncertainty import UncertaintyStrategy
 from ..infers.segdiff import SegDiffInfer
+from ..infers.segdiff_clicks import SegDiffClicksInfer
 from ..infers.segdiff_uncertainty import SegDiffUncertaintyInfer
 from ..model import SegDiffModel
 from ..scoring.uncertainty import UncertaintyScoring
@@ -173,6 +174,7 @@ class SegDiffTaskConfig(TaskConfig):
         return {
             self.name: SegDiffInfer(self.model),
             f"{self.name}_uncertainty": SegDiffUncertaintyInfer(self.model),
+            f"{self.name}_clicks": SegDiffClicksInfer(self.model),
         }
 
     def trainer(self) -> TrainTask:

@@ -105,8 +105,9 @@ class SegDiffInfer(BasicInferTask):
         if not isinstance(image, str) or not image:
             raise ImageNotFoundError("this model needs an image file (a datastore image id or an uploaded file)")
         samples, steps = self.check_options(data)
+        device = check_device(device)
         with busy_marker(self.model).hold():  # background scoring pauses between images meanwhile
-            pred, cached = self.model.predict(image, samples=samples, steps=steps, device=check_device(device))
+            pred, cached = self.predict(image, data, samples, steps, device)
         data.setdefault("result_extension", result_extension(image))
         data["result"] = finite(self.result_json(pred, cached))
         out, affine = self.output(pred, data), pred.affine
@@ -115,6 +116,11 @@ class SegDiffInfer(BasicInferTask):
         data["pred_meta_dict"] = {"affine": affine}
         data[self.output_label_key] = out
         return data
+
+    def predict(self, image: str, data: dict[str, Any], samples: int | None, steps: int | None,
+                device: str) -> tuple[CachedPrediction, bool]:
+        """The prediction this task answers with: ``(prediction, cached)``."""
+        return self.model.predict(image, samples=samples, steps=steps, device=device)
 
     def check_options(self, data: dict[str, Any]) -> tuple[int | None, int | None]:
         """Validate the request's options before any work; ``(samples, steps)`` (None: the model's)."""

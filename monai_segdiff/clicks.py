@@ -1,0 +1,178 @@
+"""Annotator clicks: what 3D Slicer sends, where the clicks land on the working grid, what they hold
+fixed, the guidance channels a click-trained network sees, and the simulated annotator of the
+interaction benchmark and of click training.
+
+A click is ``(label value, voxel index)``. The 3D Slicer plugin (``plugins/slicer/MONAILabel``, model type
+``deepedit``) sends voxel indices ``[i, j, k]`` of the image as loaded (ITK order, as MONAI's readers
+give them) either as ``foreground`` / ``background`` lists with the current segment's name in ``label``
+(single-label mode), or as one list per label name (multi-label mode, the plugin's choice whenever the
+model lists labels; clicks on a segment named ``background`` are background clicks).
+
+The neighbourhood a click fixes (``CLICK_RADIUS``): the voxels of the working grid within 2 voxels of
+the click, in the clicked slice for a slice (2D / 2.5D) model, in a ball for a 3D model. Those voxels
+get the clicked label in every ensemble member, and the clicked voxel gets it in the answer on the
+input grid.
+
+MONAI's ``monai.apps.deepedit`` transforms do the same for dictionaries of whole volumes keyed by label
+name inside an ignite loop; here clicks act on batches of slices inside the project's own loop and
+sampler, so the few lines that render and simulate them are written here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .errors import InputError
+from .values import affine_4x4
+
+CLICK_RADIUS = 2  # voxels of the working grid (see the module docstring)
+GUIDANCE_SIGMA = 2.0  # voxels: width of the Gaussian spot a click makes in a guidance channel
+SLICER_NAMES = ("foreground", "background", "label", "slice", "roi", "reset_state")
+
+
+@dataclass
+class Clicks:
+    """Clicks ``[(label value, voxel index)]`` on one grid (the input image's, or the working grid)."""
+
+    points: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.points)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def add(self, value: int, index: Sequence[int]) -> "Clicks":
+        return Clicks(self.points + [(int(value), tuple(int(i) for i in index))])
+
+    def check_within(self, shape: Sequence[int]) -> "Clicks":
+        """The clicks as indices of an image of spatial ``shape``; a third index 0 on a 2D image is
+        dropped (3D Slicer shows a 2D image as a one-slice volume). ``InputError`` for a click outside."""
+        out = []
+        for value, p in self.points:
+            q = p[: len(shape)] if len(p) > len(shape) and not any(p[len(shape):]) else p
+            if len(q) != len(shape) or any(c < 0 or c >= s for c, s in zip(q, shape)):
+                raise InputError(f"click {list(p)} lies outside the image of size {list(shape)}")
+            out.append((value, q))
+        return Clicks(out)
+
+    def to_grid(self, src_affine, dst_affine, dst_shape: Sequence[int]) -> "Clicks":
+        """The same clicks as voxel indices of another grid (world coordinates through both affines),
+        rounded and clipped into ``dst_shape`` (a click on the border of the field of view stays on it)."""
+        if not self.points:
+            return Clicks()
+        src, dst = affine_4x4(src_affine), affine_4x4(dst_affine)
+        dims = len(self.points[0][1])
+        pts = np.zeros((len(self.points), 4))
+        pts[:, :dims] = [p for _, p in self.points]
+        pts[:, 3] = 1.0
+        idx = (np.linalg.inv(dst) @ src @ pts.T).T[:, : len(dst_shape)]
+        idx = np.clip(np.rint(idx), 0, np.asarray(dst_shape) - 1).astype(int)
+        return Clicks([(v, tuple(i.tolist())) for (v, _), i in zip(self.points, idx)])
+
+
+def _points(value, key: str) -> list[tuple[int, ...]]:
+    if value is None or value == "":
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise InputError(f"{key!r} must be a list of voxel indices [[i, j, k], ...], got {value!r}")
+    out = []
+    for p in value:
+        if not isinstance(p, (list, tuple)) or len(p) not in (2, 3) or not all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) and c == c for c in p
+        ):
+            raise InputError(f"{key!r}: each click must be 2 or 3 voxel indices, got {p!r}")
+        out.append(tuple(int(round(c)) for c in p))
+    return out
+
+
+def parse_clicks(params: Mapping, label_names: Mapping[str, int], shape: Sequence[int] | None = None) -> Clicks:
+    """The clicks of an infer request from the 3D Slicer plugin, checked against the model's labels
+    ``{name: value}`` (background 0) and, if given, the image's spatial ``shape`` (:meth:`Clicks.check_within`).
+
+    Single-label mode: ``foreground`` clicks get the value of ``label``, ``background`` clicks 0. Multi-label
+    mode: every key that names a label (any case) holds that label's clicks. ``InputError`` for clicks of
+    a label the model does not segment, malformed points or points outside the image."""
+    lower = {str(k).lower(): int(v) for k, v in label_names.items()}
+    clicks = Clicks()
+    fg = _points(params.get("foreground"), "foreground")
+    if fg:
+        name = str(params.get("label") or "")
+        if name.lower() not in lower or lower[name.lower()] == 0:
+            known = ", ".join(n for n, v in label_names.items() if v)
+            raise InputError(f"foreground clicks for label {name!r}, which this model does not segment "
+                             f"(it segments {known}): submit labels and train (segdiff_train) first")
+        clicks.points += [(lower[name.lower()], p) for p in fg]
+    clicks.points += [(0, p) for p in _points(params.get("background"), "background")]
+    for key, value in params.items():
+        k = str(key).lower()
+        if k in SLICER_NAMES or k not in lower:
+            continue
+        clicks.points += [(lower[k], p) for p in _points(value, str(key))]
+    return clicks if shape is None else clicks.check_within(shape)
+
+
+def _spot(p: Sequence[int], shape: Sequence[int], slice_model: bool) -> np.ndarray:
+    """Squared voxel distance to ``p`` over ``shape``; for a slice model on a volume, in-plane within the
+    clicked slice and infinite elsewhere."""
+    grids = np.ogrid[tuple(slice(0, s) for s in shape)]
+    in_plane = slice_model and len(shape) == 3
+    d2 = np.broadcast_to(sum((g - c) ** 2 for g, c in zip(grids[:2] if in_plane else grids, p)), shape).astype(np.float64)
+    if in_plane:
+        d2 = d2.copy()
+        d2[..., : p[-1]] = np.inf
+        d2[..., p[-1] + 1 :] = np.inf
+    return d2
+
+
+def click_region(clicks: Clicks, shape: Sequence[int], num_classes: int, slice_model: bool,
+                 radius: int = CLICK_RADIUS) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the clicks fix on a grid of ``shape``: ``(values [K, *shape] one-hot in [-1, 1], mask [1, *shape]
+    bool)``. Each click fixes the voxels within ``radius`` of it, in its slice (last axis) for a slice
+    model, else in a ball; where two clicks overlap, the later one wins."""
+    values = -torch.ones(num_classes, *shape)
+    values[0] = 1.0
+    mask = torch.zeros(1, *shape, dtype=torch.bool)
+    for value, p in clicks.points:
+        if not 0 <= value < num_classes:
+            raise InputError(f"click label value {value} is outside the model's {num_classes} classes")
+        ball = torch.from_numpy(_spot(p, shape, slice_model) <= radius**2)
+        mask[0] |= ball
+        values[:, ball] = -1.0
+        values[value, ball] = 1.0
+    return values, mask
+
+
+def guidance(clicks: Clicks, shape: Sequence[int], num_classes: int, slice_model: bool,
+             sigma: float = GUIDANCE_SIGMA) -> torch.Tensor:
+    """Guidance channels ``[K, *shape]`` in [0, 1]: per label, the maximum of Gaussian spots of width
+    ``sigma`` at its clicks (in the clicked slice for a slice model), as DeepEdit's click channels
+    (Diaz-Pinto et al., "DeepEdit: Deep Editable Learning for Interactive Segmentation of 3D Medical
+    Images", 2022)."""
+    out = torch.zeros(num_classes, *shape)
+    for value, p in clicks.points:
+        spot = torch.from_numpy(np.exp(-_spot(p, shape, slice_model) / (2 * sigma**2)).astype(np.float32))
+        out[value] = torch.maximum(out[value], spot)
+    return out
+
+
+def next_click(prediction: torch.Tensor, reference: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
+    """The simulated annotator's next click: the voxel deepest inside the largest connected error region
+    (farthest from its border), labelled as the reference says (the protocol of the interactive
+    segmentation literature, e.g. Sofiiuk et al., "Reviving Iterative Training with Mask Guidance for
+    Interactive Segmentation", 2022). ``None`` when the prediction has no error."""
+    pred, ref = np.asarray(prediction), np.asarray(reference)
+    error = pred != ref
+    if not error.any():
+        return None
+    regions, n = ndimage.label(error)
+    sizes = ndimage.sum_labels(error, regions, index=np.arange(1, n + 1))
+    largest = regions == (int(np.argmax(sizes)) + 1)
+    depth = ndimage.distance_transform_edt(np.pad(largest, 1))[tuple(slice(1, -1) for _ in largest.shape)]
+    index = tuple(int(i) for i in np.unravel_index(int(np.argmax(depth)), depth.shape))
+    return int(ref[index]), index

@@ -1,0 +1,155 @@
+"""Clicks: parsing what 3D Slicer sends, the held neighbourhood, the simulated annotator, click training,
+and the Segmenter's interactive path (held voxels kept, zero clicks = plain, seeded runs reproduce, a
+click update that reruns only the clicked slices equals a full rerun)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from monai_segdiff.clicks import Clicks, click_region, guidance, next_click, parse_clicks
+from monai_segdiff.config import SegDiffConfig
+from monai_segdiff.errors import InputError
+from monai_segdiff.interaction import clicks_on_errors, with_simulated_clicks
+from monai_segdiff.networks import build_network
+from monai_segdiff.segmenter import Segmenter
+
+NAMES = {"background": 0, "liver": 1, "lesion": 2}
+
+
+def test_parse_single_label_mode():
+    c = parse_clicks({"label": "Lesion", "foreground": [[1, 2, 3]], "background": [[4, 5, 6]], "slice": 3},
+                     NAMES, (10, 10, 10))
+    assert c.points == [(2, (1, 2, 3)), (0, (4, 5, 6))]
+
+
+def test_parse_multi_label_mode():
+    # the plugin's multi-label request: one list per label name of /info, and the current segment in "label"
+    c = parse_clicks({"liver": [[1, 1, 1]], "lesion": [], "background": [[2, 2, 2]], "label": "liver",
+                      "device": "cpu"}, NAMES, (5, 5, 5))
+    assert sorted(c.points) == [(0, (2, 2, 2)), (1, (1, 1, 1))]
+
+
+@pytest.mark.parametrize("params,reason", [
+    ({"label": "spleen", "foreground": [[1, 1, 1]]}, "does not segment"),
+    ({"label": "liver", "foreground": [[1, 1]]}, "outside"),
+    ({"label": "liver", "foreground": [[1, 1, 99]]}, "outside"),
+    ({"label": "liver", "foreground": "x"}, "list of voxel indices"),
+    ({"label": "liver", "foreground": [[1, "a", 2]]}, "2 or 3 voxel indices"),
+])
+def test_parse_refuses_bad_clicks(params, reason):
+    with pytest.raises(InputError, match=reason):
+        parse_clicks(params, NAMES, (5, 5, 5) if "[1, 1]]" not in str(params) else (5, 5, 5))
+
+
+def test_2d_image_accepts_slicer_third_index_zero():
+    c = parse_clicks({"label": "liver", "foreground": [[3, 4, 0]]}, NAMES, (8, 8))
+    assert c.points == [(1, (3, 4))]
+
+
+def test_click_region_slice_model_holds_a_disc_in_the_clicked_slice():
+    values, mask = click_region(Clicks([(2, (5, 5, 3))]), (11, 11, 7), 3, slice_model=True, radius=2)
+    assert mask[0, ..., 3].sum() == 13  # voxels within 2 of the centre in a plane
+    assert mask[0, ..., [0, 1, 2, 4, 5, 6]].sum() == 0
+    assert torch.equal(values[:, 5, 5, 3], torch.tensor([-1.0, -1.0, 1.0]))
+    assert torch.equal(values[:, 0, 0, 0], torch.tensor([1.0, -1.0, -1.0]))  # unheld voxels read as background
+    values3, mask3 = click_region(Clicks([(1, (5, 5, 3))]), (11, 11, 7), 3, slice_model=False, radius=1)
+    assert mask3.sum() == 7  # a ball of radius 1: the centre and its 6 neighbours
+
+
+def test_guidance_peaks_at_the_click_per_label():
+    g = guidance(Clicks([(1, (4, 4)), (0, (0, 0))]), (9, 9), 3, slice_model=True)
+    assert g.shape == (3, 9, 9) and g[1, 4, 4] == 1.0 and g[0, 0, 0] == 1.0 and g[2].sum() == 0
+    assert g[1, 4, 6] < g[1, 4, 5] < 1.0
+
+
+def test_next_click_goes_to_the_centre_of_the_largest_error():
+    ref = torch.zeros(20, 20, dtype=torch.long)
+    ref[2:5, 2:5] = 1  # a small miss
+    ref[8:17, 8:17] = 1  # a large miss: the click goes to its centre
+    value, index = next_click(torch.zeros_like(ref), ref)
+    assert value == 1 and index == (12, 12)
+    fp = torch.zeros_like(ref)
+    fp[10:15, 0:5] = 2  # a false positive of label 2 is the only error: a background click inside it
+    assert next_click(fp, torch.zeros_like(ref)) == (0, (12, 2))
+    assert next_click(ref, ref) is None
+
+
+def test_clicks_on_errors_visit_each_error_region_once():
+    ref = torch.zeros(30, 30, dtype=torch.long)
+    ref[2:6, 2:6] = 1
+    ref[10:20, 10:20] = 1
+    ref[24:27, 24:27] = 1
+    clicks = clicks_on_errors(torch.zeros_like(ref), ref, 5)
+    assert [p for _, p in clicks.points] == [(14, 14), (3, 3), (25, 25)]  # largest first, then none left
+
+
+def _tiny(network: str = "medsegdiff", click_channels: bool = False) -> tuple[torch.nn.Module, SegDiffConfig]:
+    cfg = SegDiffConfig(labels=["a", "b"], network=network, channels=[16, 16, 32], norm_num_groups=8,
+                        attention_levels=[False] * 3,
+                        roi_size=[16, 16], num_samples=2, sample_steps=2, spacing=[-1, -1, -1],
+                        click_channels=click_channels)
+    torch.manual_seed(0)
+    return build_network(cfg).eval(), cfg
+
+
+def _image() -> MetaTensor:
+    g = torch.Generator().manual_seed(1)
+    return MetaTensor(torch.rand(1, 24, 20, 9, generator=g), affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0])))
+
+
+@pytest.mark.parametrize("network", ["medsegdiff", "unet"])
+def test_segmenter_clicks(network):
+    net, cfg = _tiny(network)
+    seg = Segmenter(net, cfg, max_batch_pixels=2 * 24 * 20 * 2)  # two slices per batch: batches get reused
+    img = _image()
+    plain = seg(img)
+    assert torch.equal(seg(img, clicks=Clicks()).label, plain.label)  # zero clicks = plain infer
+    clicks = Clicks([(2, (3, 4, 5)), (0, (10, 10, 2)), (1, (20, 15, 5))])
+    full = seg(img, clicks=clicks)
+    again = seg(img, clicks=clicks)
+    assert torch.equal(full.label, again.label) and torch.equal(full.uncertainty, again.uncertainty)  # seeded
+    for value, p in clicks.points:  # clicked voxels carry their label, and every member agrees there
+        assert int(full.label[(0, *p)]) == value
+        assert float(full.uncertainty[(0, *p)]) == pytest.approx(0.0, abs=1e-5)
+    # the update that reuses the plain ensemble reruns only the clicked slices' batches, and equals a rerun
+    update = seg(None, clicks=clicks, previous=plain)
+    assert torch.equal(update.label, full.label)
+    assert torch.allclose(update.ensemble.probs, full.ensemble.probs, atol=1e-5)
+    untouched = [z for z in range(9) if z not in (2, 5)]
+    assert torch.equal(update.label[..., untouched], plain.label[..., untouched])
+    assert update.stats["interaction"] == {"clicks": 3, "held_voxels": 39, "recomputed_slices": 2}
+
+
+def test_segmenter_holds_known_label_voxels():
+    net, cfg = _tiny()
+    seg = Segmenter(net, cfg)
+    img = _image()
+    plain = seg(img)
+    label = torch.zeros(1, 24, 20, 9, dtype=torch.long)
+    label[0, 5:15, 5:12, 3] = 2
+    mask = torch.zeros_like(label, dtype=torch.bool)
+    mask[..., 3] = True  # slice 3 corrected: every voxel of it is final, background included
+    out = seg(None, known=(label, mask), previous=plain)
+    assert torch.equal(out.label[..., 3].long(), label[..., 3])
+    assert float(out.uncertainty[..., 3].max()) == pytest.approx(0.0, abs=1e-5)
+    assert torch.equal(out.label[..., :3], plain.label[..., :3])
+
+
+def test_click_channels_network_trains_with_simulated_clicks():
+    net, cfg = _tiny(click_channels=True)
+    assert cfg.guidance_channels == 3 and cfg.network_channels == cfg.in_channels + 3
+    image = torch.rand(4, cfg.in_channels, 16, 16)
+    label = torch.zeros(4, 1, 16, 16, dtype=torch.uint8)
+    label[:, :, 4:12, 4:12] = 1
+    out = with_simulated_clicks(net, image, label, cfg, torch.Generator().manual_seed(0))
+    assert out.shape == (4, cfg.in_channels + 3, 16, 16)
+    assert torch.equal(out[:, : cfg.in_channels], image)
+    guided = out[:, cfg.in_channels:].flatten(1).amax(1) > 0
+    assert 0 < int(guided.sum()) < 4  # some samples with clicks (on errors), some without (auto mode)
+    # the Segmenter serves it with zero guidance without clicks, and with guidance after a click
+    seg = Segmenter(net, cfg)
+    img = _image()
+    plain = seg(img)
+    assert seg(None, clicks=Clicks([(1, (12, 10, 4))]), previous=plain).stats["interaction"]["clicks"] == 1
