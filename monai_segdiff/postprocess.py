@@ -88,10 +88,12 @@ class PostProcess:
         # where every class's median is 0 (a perfect tie of hard votes) keep the unfiltered values
         return torch.where(total > 1e-6, out / total.clamp_min(1e-6), probs)
 
-    def select(self, probs: Tensor, smoothed: Tensor) -> Tensor:
+    def select(self, probs: Tensor, smoothed: Tensor, keep: Tensor | None = None) -> Tensor:
         """``confident_component``: class probabilities ``[K, *spatial]`` in which each foreground class
         keeps its unfiltered probability inside its most confident candidate region and 0 elsewhere;
         background keeps ``smoothed``. Renormalised; ``smoothed`` unchanged without the option.
+        ``keep [*spatial]``: voxels the annotator fixed (their class, -1 elsewhere): a candidate region of
+        class c holding a voxel fixed as c is kept too (a foreground click on a missed region).
 
         Written here: MONAI's component transforms rank components by size, not by probability; scipy
         labels the components and averages the probability over each.
@@ -103,15 +105,18 @@ class PostProcess:
         for c in range(1, raw.shape[0]):
             p = raw[c].numpy()
             regions, n = ndimage.label(p >= CANDIDATE_FLOOR, structure=face)
-            keep = torch.zeros(p.shape, dtype=torch.bool)
             if n:
                 index = np.arange(1, n + 1)
                 means = np.asarray(ndimage.mean(p, regions, index))
                 means[np.asarray(ndimage.maximum(p, regions, index)) < MIN_PEAK] = -1.0
                 best = int(means.argmax())
-                if means[best] >= MIN_MEAN:
-                    keep = torch.from_numpy(regions == best + 1)
-            out[c] = torch.where(keep, raw[c], 0.0)
+                chosen = [best + 1] if means[best] >= MIN_MEAN else []
+                if keep is not None:
+                    chosen += np.unique(regions[(_plain(keep) == c).numpy() & (regions > 0)]).tolist()
+                kept = torch.from_numpy(np.isin(regions, chosen))
+            else:
+                kept = torch.zeros(p.shape, dtype=torch.bool)
+            out[c] = torch.where(kept, raw[c], 0.0)
         return out / out.sum(0, keepdim=True).clamp_min(1e-6)
 
     def clean(self, label: Tensor, median: bool = True) -> Tensor:

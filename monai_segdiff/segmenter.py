@@ -130,7 +130,8 @@ class Segmenter:
         net.load_state_dict(state)
         return cls(net, cfg, **kwargs)
 
-    def _members(self, net: nn.Module, batch: torch.Tensor, n: int, gen: torch.Generator | None) -> tuple:
+    def _members(self, net: nn.Module, batch: torch.Tensor, n: int, gen: torch.Generator | None,
+                 noise: torch.Tensor | None = None) -> tuple:
         """Members of one batch ``[B, C' (+ guidance) (+ K known values + 1 known mask), ...]``: the side
         channels the inferer appended are split off here (see :meth:`side_channels`)."""
         c, g, k = self.cfg.in_channels, self.cfg.guidance_channels, self.cfg.num_classes
@@ -138,7 +139,7 @@ class Segmenter:
         if image.shape[1] < c + g:  # a click-trained network without clicks: zero guidance
             image = torch.cat([image, image.new_zeros(image.shape[0], c + g - image.shape[1], *image.shape[2:])], 1)
         known = (rest[:, :k].to(self.device), rest[:, k : k + 1].to(self.device) > 0.5) if rest.shape[1] else None
-        p, anchor = self.sampler.members_and_anchor(net, image.to(self.device), n, gen, known=known)
+        p, anchor = self.sampler.members_and_anchor(net, image.to(self.device), n, gen, known=known, noise=noise)
         return p.float().cpu(), (None if anchor is None else anchor.float().cpu())
 
     def side_channels(self, shape, clicks: Clicks | None = None,
@@ -218,10 +219,16 @@ class Segmenter:
         t_ens = time.perf_counter()
         umap = unc.uncertainty_map(self.uncertainty_kind, out.probs, out.samples, out.expected_entropy)
         t_unc = time.perf_counter()
-        probs = self.postprocess.select(out.probs, self.postprocess.smooth(out.probs))
+        held = self.held_mask(side)
+        held_label = None if held is None else torch.where(held[0], side[-1 - self.cfg.num_classes:-1].argmax(0), -1)
+        probs = self.postprocess.select(out.probs, self.postprocess.smooth(out.probs), keep=held_label)
         label_pre = unc.fuse(probs, out.samples, method=self.cfg.fusion, num_classes=self.cfg.num_classes)
         label_pre = label_pre.to(torch.uint8)  # class indices < 256 (a CT-sized int64 map is 0.3 GiB)
         label_pre = self.postprocess.clean(label_pre)
+        if held_label is not None:  # the clean-up never overrides what the annotator fixed
+            probs = torch.where(held, torch.nn.functional.one_hot(held_label.clamp_min(0), self.cfg.num_classes)
+                                .movedim(-1, 0).to(probs.dtype), probs)
+            label_pre = torch.where(held[0], held_label.to(label_pre.dtype), label_pre)
         t_post = time.perf_counter()
         label, umap_orig = self._to_input_grid(probs, umap, label_pre, pre, img)
         t_back = time.perf_counter()

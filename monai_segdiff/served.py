@@ -266,4 +266,8 @@ class ServedModel:
         if clicks:
             clicks = clicks.check_within(plain.label.shape[1:])
         p = seg(None, clicks=clicks, known=known, previous=plain)
+        if clicks:  # how sure the ensemble was at the clicked voxels before and after the clicks
+            at = lambda u: float(np.mean([float(u[(0, *q)]) for _, q in clicks.points]))  # noqa: E731
+            p.stats["interaction"].update(clicked_uncertainty_before=at(plain.uncertainty),
+                                          clicked_uncertainty_after=at(p.uncertainty))
         return CachedPrediction(p.label, p.uncertainty.float(), finite(p.stats), ts), cached

@@ -38,10 +38,12 @@ def with_flips(members: Members, views: list[tuple[int, ...]]) -> Members:
     if len(views) <= 1 and not (views and views[0]):
         return members
 
-    def flipped(net, batch: torch.Tensor, n: int, generator: torch.Generator | None):
+    def flipped(net, batch: torch.Tensor, n: int, generator: torch.Generator | None, noise=None):
         total, anchor_total = None, None
-        for dims in views:
-            p, anchor = members(net, batch.flip(dims) if dims else batch, n, generator)
+        for i, dims in enumerate(views):
+            # the first view starts from the given noise; the others draw theirs from the generator
+            given = {"noise": noise} if (noise is not None and i == 0) else {}
+            p, anchor = members(net, batch.flip(dims) if dims else batch, n, generator, **given)
             p = p.flip(dims) if dims else p  # [N, B, K, *spatial]: the same trailing axes
             total = p if total is None else total + p
             if anchor is not None:

@@ -219,7 +219,7 @@ def test_server_answers_2d_mask_of_the_picture_size(trained, split, start_server
     client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
     info = client.info()
     assert info["models"]["segdiff"]["dimension"] == 2, dump(info["models"])
-    assert info["labels"] == ["lesion"]
+    assert info["labels"] == ["lesion", "background"]
 
     image_id = data.image_id(held_out[0]["image"])
     result, params = client.infer("segdiff", image_id, {})

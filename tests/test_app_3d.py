@@ -44,7 +44,7 @@ def test_server_segments_volumes_with_a_3d_model(model_3d, start_server, tmp_pat
     client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
     info = client.info()
     assert info["models"]["segdiff"]["dimension"] == 3, dump(info["models"])
-    assert info["labels"] == ["organ", "lesion"]
+    assert info["labels"] == ["organ", "lesion", "background"]
 
     image_id = unlabeled[0]
     img = nib.load(str(studies / f"{image_id}.nii.gz"))

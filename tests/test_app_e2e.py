@@ -178,7 +178,7 @@ def test_info_lists_models_for_slicer(env):
     assert models["segdiff"]["labels"] == {"background": 0, "organ": 1, "lesion": 2}
     assert models["segdiff_uncertainty"]["type"] == "segmentation"
     assert models["segdiff_uncertainty"]["labels"] == {"uncertain": 1}
-    assert info["labels"] == ["organ", "lesion"]  # the segments Slicer creates (no background, no "uncertain")
+    assert info["labels"] == ["organ", "lesion", "background"]  # the segments Slicer creates (background: its clicks)
     trainer = info["trainers"]["segdiff_train"]["config"]
     assert trainer["tracking"][0] == "none" and trainer["pretrained"] is True
     for section in ("models", "trainers"):  # Slicer's combo boxes take strings only

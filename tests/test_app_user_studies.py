@@ -80,7 +80,7 @@ def stored_label(env, case: str) -> np.ndarray:
 
 def test_info_says_what_the_shipped_model_can_segment(env):
     info = client(env).info()
-    assert info["labels"] == ["organ", "lesion"]  # the model's: nothing of the user's yet
+    assert info["labels"] == ["organ", "lesion", "background"]  # the model's: nothing of the user's yet
     coverage = info["segdiff"]
     assert coverage["model"] == str(SHIPPED) and coverage["label_set"] == [], dump(coverage)
 
@@ -172,7 +172,7 @@ def test_train_with_slicer_defaults_makes_a_model_for_the_users_label(env):
 def test_auto_segmentation_then_finds_the_structure_on_an_unlabelled_scan(env):
     c = client(env)
     info = c.info()
-    assert info["labels"] == [NAME] and info["segdiff"]["cannot_segment"] == [], dump(info["segdiff"])
+    assert info["labels"] == [NAME, "background"] and info["segdiff"]["cannot_segment"] == [], dump(info["segdiff"])
     t0 = time.time()
     result, out = c.infer("segdiff", TEST_ID, slicer_params(info, "infer", "segdiff"))
     TIMINGS["Auto Segmentation, the user's model (s)"] = time.time() - t0
@@ -191,7 +191,7 @@ def test_a_restart_keeps_the_label_set_and_the_users_model(env):
     server = env["start_server"](env["studies"], {"max_minutes": "4"}, env["root"] / "server2.log")
     env.update(server=server, url=server.url)
     info = client(env).info()
-    assert info["labels"] == [NAME]
+    assert info["labels"] == [NAME, "background"]
     assert info["segdiff"]["model"] == str(env["studies"] / ".segdiff" / "model" / "segdiff.pt")
     assert info["train_stats"]["segdiff_train"]["best_metric"] == pytest.approx(env["best_metric"])
     assert json.loads((env["studies"] / "labels.json").read_text()) == {"background": 0, NAME: 1}

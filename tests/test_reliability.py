@@ -357,7 +357,7 @@ def test_corrupted_checkpoint_and_other_label_set(srv, tiny_model):
         r = infer(srv, image=image)
         assert_4xx(r, 503, "cannot use model file", "not a readable monai-segdiff checkpoint")
         info = requests.get(f"{srv['url']}/info/", timeout=60).json()
-        assert info["labels"] == ["organ", "lesion"]  # from labels.json while the model is unusable
+        assert info["labels"] == ["organ", "lesion", "background"]  # from labels.json while the model is unusable
 
         # a model for another label set is served with its own labels and says what it cannot segment;
         # labels are checked against the studies' label set (labels.json), not the model's
@@ -368,7 +368,7 @@ def test_corrupted_checkpoint_and_other_label_set(srv, tiny_model):
         assert r.status_code == 200 and r.json()["label_names"] == {"background": 0, "liver": 1}, r.text
         assert r.json()["coverage"]["cannot_segment"] == ["organ", "lesion"], r.text
         info = requests.get(f"{srv['url']}/info/", timeout=60).json()
-        assert info["labels"] == ["organ", "lesion", "liver"] and "no model for 'organ'" in info["segdiff"]["message"]
+        assert info["labels"] == ["organ", "lesion", "liver", "background"] and "no model for 'organ'" in info["segdiff"]["message"]
         name = "phantom_002"
         outside = truth(name).copy()
         outside[0, 0, 0] = 3

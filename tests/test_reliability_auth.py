@@ -217,7 +217,7 @@ def test_signed_tokens_are_accepted_and_roles_enforced(auth):
     # the login flow of 3D Slicer and MONAILabelClient: username/password -> the realm -> a token
     client.update_auth(client.auth_token("ada", "ada-pass"))
     info = client.info()
-    assert "segdiff" in info["models"] and info["labels"] == ["organ", "lesion"]
+    assert "segdiff" in info["models"] and info["labels"] == ["organ", "lesion", "background"]
     assert client.auth_valid_token()
     result, out = client.infer("segdiff", "phantom_027", {})
     assert out["label_names"] == {"background": 0, "organ": 1, "lesion": 2}

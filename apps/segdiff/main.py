@@ -98,12 +98,15 @@ class SegDiffApp(MONAILabelApp):
     # -- behaviour on top of MONAILabelApp ------------------------------------------------------
     def info(self):
         meta = super().info()
-        # Slicer creates one segment per entry of "labels" (foreground only: no "background", no
-        # "uncertain"); submitted labels are stored by segment name whatever the order.
+        # Slicer creates one segment per entry of "labels" (no "uncertain"); submitted labels are stored by segment name whatever the order.
         # The studies' label set first (the annotator draws those), then what the model segments besides.
         coverage = self.task.model.coverage()
         wanted = coverage["label_set"]
         meta["labels"] = wanted + [n for n in coverage["model_labels"] if n.lower() not in {w.lower() for w in wanted}]
+        # last, a "background" segment: Slicer's click section (multi-label mode) sends the points of each
+        # listed segment, so background clicks are the points placed on it (DeepEdit's convention);
+        # Submit Label drops it, as it drops Slicer's scribble segments
+        meta["labels"] = [n for n in meta["labels"] if n.lower() != "background"] + ["background"]
         meta["segdiff"] = coverage
         return meta
 

@@ -5,6 +5,7 @@ s > 0, the mixture ``(1 - s) * members' mean + s * anchor`` (its expected entrop
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from monai.inferers import Inferer, sliding_window_inference
 from torch import nn
 from tqdm import tqdm
 
-# ``(net, image_batch [B, C, ...], num_samples, generator) -> member probabilities [N, B, K, ...]``, or
-# ``(member probabilities, anchor probabilities [B, K, ...] or None)``
+# ``(net, image_batch [B, C, ...], num_samples, generator[, noise=]) -> member probabilities [N, B, K, ...]``,
+# or ``(member probabilities, anchor probabilities [B, K, ...] or None)``; a function that takes ``noise``
+# gets each slice's own initial noise in slice mode (see ``SegDiffInferer._slice_noise``)
 MemberFn = Callable[[nn.Module, torch.Tensor, int, "torch.Generator | None"], "torch.Tensor | tuple"]
 
 
@@ -97,6 +99,17 @@ def _split(out: "torch.Tensor | tuple", share: float) -> tuple[torch.Tensor, tor
     return members, (anchor if share > 0 else None)
 
 
+def _contiguous(zs: Sequence[int]) -> list[list[int]]:
+    """Sorted indices split into runs of consecutive values."""
+    runs: list[list[int]] = []
+    for z in zs:
+        if runs and z == runs[-1][-1] + 1:
+            runs[-1].append(z)
+        else:
+            runs.append([z])
+    return runs
+
+
 class SegDiffInferer(Inferer):
     """Run an ensemble predictor over a whole preprocessed volume.
 
@@ -136,12 +149,22 @@ class SegDiffInferer(Inferer):
         self.spatial_dims, self.context, self.divisor = spatial_dims, context, divisor
         self.max_batch_pixels, self.roi_size, self.overlap = max_batch_pixels, roi_size, overlap
         self.seed, self.progress, self.anchor_share = seed, progress, float(anchor_share)
+        try:
+            self.takes_noise = "noise" in inspect.signature(members).parameters
+        except (TypeError, ValueError):
+            self.takes_noise = False
 
     def _generator(self, offset: int = 0) -> torch.Generator | None:
-        """The noise generator of one batch: seeded by ``seed`` and the batch's first slice, so a slice
-        gets the same noise whatever else is computed in the same call (a click update reruns only the
-        clicked slices' batches and reproduces every other slice of those batches)."""
         return None if self.seed is None else torch.Generator().manual_seed(int(self.seed) * 100_003 + int(offset))
+
+    def _slice_noise(self, zs: Sequence[int], shape: Sequence[int]) -> torch.Tensor | None:
+        """Initial noise ``[N * B, K, *shape]`` (member-major) of slices ``zs``, each slice's from its own
+        seed: a slice gets the same noise whichever slices share its batch, so a click update that reruns
+        only the clicked slices starts them from the noise of the plain run."""
+        if self.seed is None:
+            return None
+        per_slice = [torch.randn(self.n, self.k, *shape, generator=self._generator(1 + z)) for z in zs]
+        return torch.stack(per_slice, 1).flatten(0, 1)
 
     @torch.inference_mode()
     def __call__(
@@ -183,18 +206,19 @@ class SegDiffInferer(Inferer):
             exp_ent = torch.zeros(h, w, d)
             wanted = None
         per_batch = max(1, self.max_batch_pixels // (self.n * h * w))
-        starts = [z0 for z0 in range(0, d, per_batch)
-                  if wanted is None or wanted & set(range(z0, min(d, z0 + per_batch)))]
+        todo = sorted(wanted) if wanted is not None else list(range(d))
+        runs = [todo[i : i + per_batch] for i in range(0, len(todo), per_batch)]
+        runs = [(r[0], r[-1] + 1) for run in runs for r in _contiguous(run)]
         if self.progress:
-            starts = tqdm(starts, desc="slices", unit="batch", leave=False)
-        for z0 in starts:
-            z1 = min(d, z0 + per_batch)
+            runs = tqdm(runs, desc="slices", unit="batch", leave=False)
+        for z0, z1 in runs:
             sub = volume[..., max(0, z0 - self.context) : min(d, z1 + self.context)]
             batch = context_slices(sub, self.context)[z0 - max(0, z0 - self.context) :][: z1 - z0]
             batch, crop = pad_to_multiple(batch, self.divisor, 2)
             if side is not None:  # padded with 0: no guidance, nothing held
                 batch = torch.cat([batch, pad_to_multiple(side[..., z0:z1].permute(3, 0, 1, 2), self.divisor, 2, 0.0)[0]], 1)
-            p, anchor = _split(self.members(net, batch, self.n, self._generator(z0)), self.anchor_share)
+            noise = {"noise": self._slice_noise(range(z0, z1), batch.shape[2:])} if self.takes_noise else {}
+            p, anchor = _split(self.members(net, batch, self.n, self._generator(z0), **noise), self.anchor_share)
             p = p[..., crop[0], crop[1]]  # [N, B, K, h, w]
             anchor = None if anchor is None else anchor[..., crop[0], crop[1]]
             fused, ent = _fuse(p, anchor, self.anchor_share, 1)

@@ -145,20 +145,21 @@ class DiffusionSampler:
         return x0.clamp(-1, 1).reshape(num_samples, b, *shape[1:]), anchor
 
     def probabilities(
-        self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+        self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-member class probabilities ``[N, B, K, *spatial]``."""
-        return x0_to_probs(self.sample(net, image, num_samples, generator), dim=2)
+        """Per-member class probabilities ``[N, B, K, *spatial]`` (from ``noise`` if given)."""
+        return x0_to_probs(self.sample(net, image, num_samples, generator, noise=noise), dim=2)
 
     @torch.inference_mode()
     def members_and_anchor(
         self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None,
-        known: tuple[torch.Tensor, torch.Tensor] | None = None,
+        known: tuple[torch.Tensor, torch.Tensor] | None = None, noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(member probabilities [N, B, K, ...], the network's anchor probabilities [B, K, ...] or
-        None)`` from one run of the image path; ``known`` voxels held as in :meth:`sample` (the anchor
-        too: there it is the known label)."""
-        x0, anchor = self._sample(net, image, num_samples, generator, known=known)
+        None)`` from one run of the image path, starting from ``noise`` if given; ``known`` voxels held as
+        in :meth:`sample` (the anchor too: there it is the known label)."""
+        x0, anchor = self._sample(net, image, num_samples, generator, noise=noise, known=known)
         return hold(x0_to_probs(x0, dim=2), known), hold(anchor, known)
 
 
@@ -170,8 +171,10 @@ class MCDropoutSampler:
 
     @torch.inference_mode()
     def probabilities(
-        self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+        self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """N passes with dropout on (``noise`` is not used: there is no sampling)."""
         if generator is not None:  # dropout draws from the global generator
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         was_training = net.training
@@ -185,7 +188,7 @@ class MCDropoutSampler:
 
     def members_and_anchor(
         self, net: nn.Module, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None,
-        known: tuple[torch.Tensor, torch.Tensor] | None = None,
+        known: tuple[torch.Tensor, torch.Tensor] | None = None, noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
         """As :meth:`DiffusionSampler.members_and_anchor`; a plain network has no anchor. ``known`` voxels
         get the known label in every pass (a deterministic network has no sampling to condition)."""

@@ -145,4 +145,5 @@ class SegDiffInfer(BasicInferTask):
             "cached": cached,
             "timings": s.get("timings", {}),
             "coverage": self.model.coverage(),
+            **({"interaction": s["interaction"]} if "interaction" in s else {}),
         }

@@ -12,8 +12,10 @@ of the segments named in ``final`` (default: every segment), or every voxel of t
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import numpy as np
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
@@ -36,11 +38,6 @@ class SegDiffClicksInfer(SegDiffInfer):
         super().__init__(model, description)
         self.type = InferType.DEEPEDIT
 
-    def info(self) -> dict[str, Any]:
-        out = super().info()
-        out["dimension"] = 3 if self.dimension == 3 else 2  # 3: Slicer sends every click, not one slice's
-        return out
-
     def predict(self, image: str, data: dict[str, Any], samples: int | None, steps: int | None,
                 device: str) -> tuple[CachedPrediction, bool]:
         names = self.model.label_names()
@@ -52,10 +49,22 @@ class SegDiffClicksInfer(SegDiffInfer):
                                  "(or send the current label with 'final' segments or 'slices')")
             return self.model.correct(image, clicks=clicks, known=known, samples=samples, steps=steps, device=device)
 
+    def output(self, pred: CachedPrediction, data: dict[str, Any]) -> np.ndarray:
+        """The whole label map (multi-label mode); in single-label mode (``foreground`` / ``background``
+        lists) the clicked segment alone as value 1, which is how the plugin imports it."""
+        out = super().output(pred, data)
+        name = str(data.get("label") or "")
+        names = self.model.label_names()
+        if ("foreground" in data or "background" in data) and names.get(name, 0) > 0:
+            self.labels = {name: 1}
+            return (out == names[name]).astype(np.uint8)
+        return out
+
     @staticmethod
     def known(path: Any, data: dict[str, Any], names: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(label, mask)`` of the uploaded label's final voxels, or None without an upload."""
-        if not isinstance(path, str) or not path:
+        """``(label, mask)`` of the uploaded label's final voxels, or None without an upload (``label`` is then
+        the clicked segment's name, as the plugin sends it; MONAI Label puts an upload's file path there)."""
+        if not isinstance(path, str) or not os.path.isfile(path):
             return None
         label = load_label(path, label_names=names).as_tensor().long()[:1]
         final, slices = data.get("final"), data.get("slices")
