@@ -39,6 +39,8 @@ class Prediction:
     ensemble: EnsembleOutput
     preprocessed: MetaTensor
     stats: dict = field(default_factory=dict)
+    fused: torch.Tensor | None = None  # [K, *spatial] class probabilities after the clean-up
+    label_work: torch.Tensor | None = None  # [*spatial] uint8 label map before resampling back
 
 
 def check_image(img: MetaTensor, cfg: SegDiffConfig) -> None:
@@ -229,6 +231,11 @@ class Segmenter:
             probs = torch.where(held, torch.nn.functional.one_hot(held_label.clamp_min(0), self.cfg.num_classes)
                                 .movedim(-1, 0).to(probs.dtype), probs)
             label_pre = torch.where(held[0], held_label.to(label_pre.dtype), label_pre)
+        if held is not None and previous is not None and previous.fused is not None and self.cfg.spatial_dims == 2 \
+                and pre.ndim == 4:  # the clean-up acts in 3D: slices without clicks keep the plain answer
+            untouched = ~held.flatten(0, 2).amax(0)
+            probs = torch.where(untouched, previous.fused, probs)
+            label_pre = torch.where(untouched, previous.label_work, label_pre)
         t_post = time.perf_counter()
         label, umap_orig = self._to_input_grid(probs, umap, label_pre, pre, img)
         t_back = time.perf_counter()
@@ -267,7 +274,7 @@ class Segmenter:
             "uncertainty_s": t_unc - t_ens, "postprocess_s": (t_post - t_unc) + (t_clean - t_back),
             "resample_s": t_back - t_post, "statistics_s": t_end - t_clean, "total_s": t_end - t0,
         }
-        return Prediction(label, umap_orig, out, pre, stats)
+        return Prediction(label, umap_orig, out, pre, stats, probs, label_pre)
 
     @staticmethod
     def _to_working_grid(known, img: MetaTensor, pre: MetaTensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -125,6 +125,18 @@ def test_segmenter_clicks(network):
     assert update.stats["interaction"] == {"clicks": 3, "held_voxels": 39, "recomputed_slices": 2}
 
 
+def test_clean_up_in_3d_leaves_slices_without_clicks_alone():
+    net, cfg = _tiny()
+    seg = Segmenter(net, cfg, postprocess="median,confident_component,fill_holes")
+    img = _image()
+    plain = seg(img)
+    clicks = Clicks([(1, (12, 10, 4)), (2, (5, 5, 4))])
+    update = seg(None, clicks=clicks, previous=plain)
+    others = [z for z in range(9) if z != 4]
+    assert torch.equal(update.label[..., others], plain.label[..., others])
+    assert int(update.label[0, 12, 10, 4]) == 1 and int(update.label[0, 5, 5, 4]) == 2
+
+
 def test_segmenter_holds_known_label_voxels():
     net, cfg = _tiny()
     seg = Segmenter(net, cfg)

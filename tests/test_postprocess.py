@@ -162,6 +162,21 @@ def test_confident_component_keeps_the_small_sharp_lesion_the_median_erases():
     assert torch.equal(median.select(probs, probs), probs)  # option off: unchanged
 
 
+def test_confident_component_keeps_a_region_the_annotator_clicked():
+    probs = lesion_candidates()
+    post = PostProcess("confident_component", num_classes=3)
+    false_one = torch.zeros(probs.shape[1:], dtype=torch.bool)
+    false_one[16:26, 16:26, 1:7] = True  # the blurred candidate, dropped without a click
+    assert not (post.select(probs, probs)[2][false_one] > 0).any()
+    keep = torch.full(probs.shape[1:], -1, dtype=torch.long)
+    where = torch.nonzero(false_one)[0]
+    keep[tuple(where)] = 2  # a lesion click inside it
+    kept = post.select(probs, probs, keep=keep)[2]
+    assert (kept[false_one] > 0).all() and (kept[probs[2] == 0.95] > 0).all()  # both regions now
+    keep[tuple(where)] = 1  # a click of another label does not keep the lesion candidate
+    assert not (post.select(probs, probs, keep=keep)[2][false_one] > 0).any()
+
+
 @pytest.fixture(scope="module")
 def raw(tiny_model, one_thread):
     """The under-trained tiny model's prediction without post-processing (a noisy mask)."""
