@@ -227,15 +227,8 @@ class Segmenter:
         label_pre = unc.fuse(probs, out.samples, method=self.cfg.fusion, num_classes=self.cfg.num_classes)
         label_pre = label_pre.to(torch.uint8)  # class indices < 256 (a CT-sized int64 map is 0.3 GiB)
         label_pre = self.postprocess.clean(label_pre)
-        if held_label is not None:  # the clean-up never overrides what the annotator fixed
-            probs = torch.where(held, torch.nn.functional.one_hot(held_label.clamp_min(0), self.cfg.num_classes)
-                                .movedim(-1, 0).to(probs.dtype), probs)
-            label_pre = torch.where(held[0], held_label.to(label_pre.dtype), label_pre)
-        if held is not None and previous is not None and previous.fused is not None and self.cfg.spatial_dims == 2 \
-                and pre.ndim == 4:  # the clean-up acts in 3D: slices without clicks keep the plain answer
-            untouched = ~held.flatten(0, 2).amax(0)
-            probs = torch.where(untouched, previous.fused, probs)
-            label_pre = torch.where(untouched, previous.label_work, label_pre)
+        if held_label is not None:
+            probs, label_pre = self._keep_fixed(probs, label_pre, held_label, None if pre.ndim != 4 else previous)
         t_post = time.perf_counter()
         label, umap_orig = self._to_input_grid(probs, umap, label_pre, pre, img)
         t_back = time.perf_counter()
@@ -259,7 +252,6 @@ class Segmenter:
             "network": self.cfg.network,
         }
         if clicks or known is not None:
-            held = self.held_mask(side)
             stats["interaction"] = {
                 "clicks": len(clicks or []),
                 "held_voxels": 0 if held is None else int(held.sum()),
@@ -275,6 +267,21 @@ class Segmenter:
             "resample_s": t_back - t_post, "statistics_s": t_end - t_clean, "total_s": t_end - t0,
         }
         return Prediction(label, umap_orig, out, pre, stats, probs, label_pre)
+
+    def _keep_fixed(self, probs: torch.Tensor, label: torch.Tensor, held_label: torch.Tensor,
+                    previous: "Prediction | None") -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean-up never overrides what the annotator fixed (``held_label``: class or -1), and, for a
+        slice model updating ``previous`` (a volume's plain prediction), slices without anything held keep
+        the plain answer (the clean-up acts in 3D and would otherwise reach them)."""
+        held = held_label >= 0
+        onehot = torch.nn.functional.one_hot(held_label.clamp_min(0), self.cfg.num_classes).movedim(-1, 0)
+        probs = torch.where(held[None], onehot.to(probs.dtype), probs)
+        label = torch.where(held, held_label.to(label.dtype), label)
+        if previous is not None and previous.fused is not None and self.cfg.spatial_dims == 2:
+            untouched = ~held.flatten(0, 1).any(0)
+            probs = torch.where(untouched, previous.fused, probs)
+            label = torch.where(untouched, previous.label_work, label)
+        return probs, label
 
     @staticmethod
     def _to_working_grid(known, img: MetaTensor, pre: MetaTensor) -> tuple[torch.Tensor, torch.Tensor]:
