@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "error, one click at a time; Dice after 0/1/3/5/10 clicks, NoC@85/90, seconds per click")
     b.add_argument("--max-clicks", type=int, default=20, help="--interactive: clicks per case (NoC cap)")
     b.add_argument("--cases", type=int, help="--interactive: the first N labelled cases of --studies")
+    b.add_argument("--no-follow", action="store_true",
+                   help="--interactive: clicks hold only their neighbourhood (not the region the ensemble left open)")
     add_evaluate_parser(sub)
     add_al_parser(sub)
     x = sub.add_parser("export-bundle", help="write a MONAI Bundle that `python -m monai.bundle run` executes")
@@ -512,7 +514,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cases = data.labelled(data.datalist(args.studies))[: args.cases]
     if not cases:
         raise CLIError(f"no labelled case in {args.studies}")
-    result = click_bench.run(args.model, cases, max_clicks=args.max_clicks, num_samples=args.samples)
+    result = click_bench.run(args.model, cases, max_clicks=args.max_clicks, num_samples=args.samples,
+                             follow=not args.no_follow)
     if args.output:
         write_json(result, Path(args.output))
     print("| model | Dice @ " + " / ".join(map(str, click_bench.REPORT_AT)) + " clicks | NoC@85 | NoC@90 "

@@ -179,3 +179,37 @@ def next_click(prediction: torch.Tensor, reference: torch.Tensor) -> tuple[int, 
     depth = ndimage.distance_transform_edt(np.pad(largest, 1))[tuple(slice(1, -1) for _ in largest.shape)]
     index = tuple(int(i) for i in np.unravel_index(int(np.argmax(depth)), depth.shape))
     return int(ref[index]), index
+
+
+REGION_FLOOR = 0.1  # a member share below which the ensemble counts as sure (as the clean-up's candidate floor)
+REGION_REACH = 10  # voxels: how far from its click an ensemble region may be flipped
+
+
+def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, clicks: Clicks,
+                  floor: float = REGION_FLOOR, reach: int = REGION_REACH) -> tuple[torch.Tensor, torch.Tensor]:
+    """Carry each click to the region around it that the ensemble left open (working grid, 3D).
+
+    ``label [*spatial]``, ``probs [K, *spatial]`` (the answer's class probabilities) and ``gate [K, *spatial]``
+    (the ensemble's fused probabilities before any clean-up). A click of class c takes the connected
+    region (face-connected, within ``reach`` voxels of the click) around it of voxels answered otherwise
+    where the members gave c at least ``floor``; those voxels become c. A background click on a false
+    positive thus removes the part of it the ensemble doubted, a foreground click adds the part of a missed
+    structure some members drew; voxels every member agreed on are never flipped: the click selects among
+    the hypotheses the ensemble drew, it does not invent one. Written here: no MONAI or scipy routine picks
+    components by a seed voxel under a probability gate."""
+    label, probs = label.clone(), probs.clone()
+    for value, p in clicks.points:
+        box = tuple(slice(max(0, c - reach), min(s, c + reach + 1)) for c, s in zip(p, label.shape))
+        local = tuple(c - b.start for c, b in zip(p, box))
+        lab = label[box]
+        open_ = (gate[(value, *box)] >= floor) & (lab != value)
+        open_[local] = bool(lab[local] != value)  # the clicked voxel itself, whatever the members drew
+        regions, _ = ndimage.label(open_.numpy())
+        if regions[local] == 0:
+            continue
+        region = torch.from_numpy(regions == regions[local])
+        lab[region] = value
+        pr = probs[(slice(None), *box)]
+        pr[:, region] = 0.0
+        pr[value, region] = 1.0
+    return label, probs

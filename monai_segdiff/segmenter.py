@@ -17,7 +17,7 @@ from monai.transforms import ResampleToMatch
 from torch import nn
 
 from . import uncertainty as unc
-from .clicks import Clicks, click_region, guidance
+from .clicks import Clicks, click_region, follow_clicks, guidance
 from .config import SegDiffConfig, load_checkpoint
 from .diffusion.inferer import EnsembleOutput, SegDiffInferer
 from .diffusion.sampler import build_sampler
@@ -77,6 +77,8 @@ class Segmenter:
         postprocess: clean-up of the fused mask, e.g. ``"largest_component,fill_holes"`` or a list
             (default from the config; ``"none"`` or ``[]`` turns the config's off).
         tta_flips: test-time mirror views per member (default from the config; 1: none).
+        follow: carry each click to the region around it the ensemble left open
+            (:func:`monai_segdiff.clicks.follow_clicks`); off: only the clicks' held neighbourhoods.
     """
 
     def __init__(
@@ -94,8 +96,10 @@ class Segmenter:
         threshold: float = 0.5,
         postprocess: str | list[str] | None = None,
         tta_flips: int | None = None,
+        follow: bool = True,
     ) -> None:
         self.cfg, self.device = cfg, torch.device(device)
+        self.follow = bool(follow)
         self.net = net.to(self.device).eval()
         self.num_samples = cfg.num_samples if num_samples is None else int(num_samples)
         if self.num_samples < 1:
@@ -229,6 +233,8 @@ class Segmenter:
         label_pre = self.postprocess.clean(label_pre)
         if held_label is not None:
             probs, label_pre = self._keep_fixed(probs, label_pre, held_label, None if pre.ndim != 4 else previous)
+        if work_clicks and self.follow:
+            label_pre, probs = follow_clicks(label_pre, probs, out.probs, work_clicks)
         t_post = time.perf_counter()
         label, umap_orig = self._to_input_grid(probs, umap, label_pre, pre, img)
         t_back = time.perf_counter()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from monai_segdiff.clicks import Clicks, click_region, guidance, next_click, parse_clicks
+from monai_segdiff.clicks import Clicks, click_region, follow_clicks, guidance, next_click, parse_clicks
 from monai_segdiff.config import SegDiffConfig
 from monai_segdiff.errors import InputError
 from monai_segdiff.interaction import clicks_on_errors, with_simulated_clicks
@@ -85,6 +85,27 @@ def test_clicks_on_errors_visit_each_error_region_once():
     assert [p for _, p in clicks.points] == [(14, 14), (3, 3), (25, 25)]  # largest first, then none left
 
 
+def test_follow_clicks_flips_only_what_the_ensemble_doubted():
+    # a sure organ (p = 1) with a doubtful bulge attached (p = 0.6), and a missed doubtful blob (p = 0.3)
+    p1 = torch.zeros(20, 20, 5)
+    p1[2:10, 2:10, 1:4] = 1.0
+    p1[10:13, 4:8, 1:4] = 0.6
+    p1[14:18, 14:18, 2] = 0.3
+    probs = torch.stack([1 - p1, p1])
+    label = (p1 > 0.5).long()
+    # a background click in the bulge removes the bulge, not the sure organ it touches
+    out, out_p = follow_clicks(label, probs, probs, Clicks([(0, (11, 5, 2))]))
+    assert not out[10:13, 4:8, 1:4].any() and out[2:10, 2:10, 1:4].all()
+    assert torch.equal(out_p[:, 11, 5, 2], torch.tensor([1.0, 0.0]))
+    # a foreground click on the missed blob adds the blob (all of it, and nothing the members never drew)
+    out, _ = follow_clicks(label, probs, probs, Clicks([(1, (15, 15, 2))]))
+    assert out[14:18, 14:18, 2].all() and int(out.sum()) == int(label.sum()) + 16
+    # a background click on the sure organ flips only the clicked voxel; a click that agrees changes nothing
+    out, _ = follow_clicks(label, probs, probs, Clicks([(0, (5, 5, 2))]))
+    assert int((out != label).sum()) == 1
+    assert torch.equal(follow_clicks(label, probs, probs, Clicks([(1, (5, 5, 2))]))[0], label)
+
+
 def _tiny(network: str = "medsegdiff", click_channels: bool = False) -> tuple[torch.nn.Module, SegDiffConfig]:
     cfg = SegDiffConfig(labels=["a", "b"], network=network, channels=[16, 16, 32], norm_num_groups=8,
                         attention_levels=[False] * 3,
@@ -102,7 +123,9 @@ def _image() -> MetaTensor:
 @pytest.mark.parametrize("network", ["medsegdiff", "unet"])
 def test_segmenter_clicks(network):
     net, cfg = _tiny(network)
-    seg = Segmenter(net, cfg, max_batch_pixels=2 * 24 * 20 * 2)  # two slices per batch: batches get reused
+    # two slices per batch: batches get reused; clicks hold their neighbourhood only (follow_clicks is
+    # tested on its own above: it may reach other slices by design)
+    seg = Segmenter(net, cfg, max_batch_pixels=2 * 24 * 20 * 2, follow=False)
     img = _image()
     plain = seg(img)
     assert torch.equal(seg(img, clicks=Clicks()).label, plain.label)  # zero clicks = plain infer
@@ -127,7 +150,7 @@ def test_segmenter_clicks(network):
 
 def test_clean_up_in_3d_leaves_slices_without_clicks_alone():
     net, cfg = _tiny()
-    seg = Segmenter(net, cfg, postprocess="median,confident_component,fill_holes")
+    seg = Segmenter(net, cfg, postprocess="median,confident_component,fill_holes", follow=False)
     img = _image()
     plain = seg(img)
     clicks = Clicks([(1, (12, 10, 4)), (2, (5, 5, 4))])
