@@ -11,6 +11,8 @@ two at once).
     python sample-data/make_real_dev.py --output /tmp/real
     python benchmarks/real_loo.py --tasks /tmp/real/spine /tmp/real/abdomen --minutes 2 \
         --output benchmarks/real-loo.json
+    python benchmarks/real_loo.py --tasks /tmp/real/spine --networks medsegdiff,medsegdiff_v2 --minutes 2 \
+        --output benchmarks/real-loo-v2.json     # other networks side by side (session 15)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from monai_segdiff import data
+from monai_segdiff.config import NETWORKS
 from monai_segdiff.io import write_json
 from monai_segdiff.labelset import label_names
 from monai_segdiff.segmenter import Segmenter, load_label
@@ -68,26 +71,32 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", type=Path, required=True, help="studies folders (make_real_dev.py)")
     ap.add_argument("--minutes", type=float, default=2.0, help="training minutes per model and fold")
     ap.add_argument("--output", type=Path, required=True, help="JSON file of the results")
+    ap.add_argument("--networks", help=f"comma-separated, of {', '.join(NETWORKS)} (default: the app's new model "
+                    "and the MONAI UNet)")
     args = ap.parse_args()
+    models = MODELS if not args.networks else {n: n for n in args.networks.split(",")}
+    unknown = [n for n in models.values() if n not in NETWORKS]
+    if unknown:
+        ap.error(f"unknown networks {unknown}; use {', '.join(NETWORKS)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks:
             items = [dict(d, id=data.image_id(d["image"])) for d in data.labelled(data.datalist(task))]
             labels = label_names(task, items)
             for held_out in items:
-                for model, network in MODELS.items():
+                for model, network in models.items():
                     row = {"task": task.name, "model": model,
                            **fold(items, held_out, labels, network, args.minutes, Path(tmp))}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     write_json({"minutes": args.minutes, "rows": rows}, args.output)  # atomic: a stopped run keeps its rows
-    print(f"\n| task | left-out case | {' | '.join(MODELS)} |\n|---|---|{'---|' * len(MODELS)}")
+    print(f"\n| task | left-out case | {' | '.join(models)} |\n|---|---|{'---|' * len(models)}")
     for task in dict.fromkeys(r["task"] for r in rows):
         for case in dict.fromkeys(r["case"] for r in rows if r["task"] == task):
-            cells = [next(r for r in rows if r["task"] == task and r["case"] == case and r["model"] == m) for m in MODELS]
+            cells = [next(r for r in rows if r["task"] == task and r["case"] == case and r["model"] == m) for m in models]
             print(f"| {task} | {case} | " + " | ".join(f"{c['mean_dice']:.3f}" if c["mean_dice"] is not None else "-"
                                                        for c in cells) + " |")
-    for m in MODELS:
+    for m in models:
         scores = [r["mean_dice"] or 0.0 for r in rows if r["model"] == m]
         print(f"{m}: mean over {len(scores)} folds {statistics.fmean(scores):.3f}")
 

@@ -22,6 +22,7 @@ from . import al_simulation, click_bench, data, evaluation
 from .bench import main_bench
 from .bundle import export_bundle
 from .config import (
+    ANCHORED_NETWORKS,
     INTENSITY_MODES,
     NETWORKS,
     PREDICTION_TYPES,
@@ -117,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--iterations-per-epoch", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=None,
-                   help="medsegdiff: the anchor head (deterministic image-path prediction as condition; "
-                        "on by default for a new medsegdiff model)")
+                   help="medsegdiff, medsegdiff_v2: the anchor head (deterministic image-path prediction as "
+                        "condition; on by default for a new model of either)")
     t.add_argument("--boundary-loss", action="store_true", default=None,
                    help="DermoSegDiff boundary-aware loss weights (on by default for dermosegdiff)")
     t.add_argument("--click-channels", action="store_true", default=None,
@@ -351,8 +352,9 @@ def _tensorboard(o: dict[str, Any]):
 def _extra(o: dict[str, Any]) -> dict[str, Any]:
     """Network-specific settings (``extra`` mapping of the YAML config, plus the flags)."""
     extra = dict(o.get("extra") or {})
-    if o.get("anchor") is not None:
-        extra.setdefault("medsegdiff", {})["anchor"] = bool(o["anchor"])
+    if o.get("anchor") is not None:  # the anchor head of the chosen network (medsegdiff's otherwise)
+        network = o.get("network") if o.get("network") in ANCHORED_NETWORKS else "medsegdiff"
+        extra.setdefault(network, {})["anchor"] = bool(o["anchor"])
     if o.get("boundary_loss") is not None:
         extra["boundary_loss"] = bool(o["boundary_loss"])
     return extra

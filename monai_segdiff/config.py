@@ -24,7 +24,9 @@ import torch
 from .atomic import atomic_write
 from .errors import CheckpointError
 
-NETWORKS = ("concat", "medsegdiff", "dermosegdiff", "cimd", "unet")
+NETWORKS = ("concat", "medsegdiff", "medsegdiff_v2", "dermosegdiff", "cimd", "unet")
+#: networks with the optional anchor head, switched by ``extra[network]["anchor"]`` (on for a new model)
+ANCHORED_NETWORKS = ("medsegdiff", "medsegdiff_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 INTENSITY_MODES = ("percentile", "ct")
 #: training augmentations, in the order they are applied (``transforms.AUGMENTATIONS`` builds them)
@@ -80,8 +82,8 @@ def check_tta_flips(spatial_dims: int, count: int) -> None:
 
 
 def size_divisor(channels: list[int], network: str, extra: dict[str, Any]) -> int:
-    """One halving per level below the top, one more with a strided image-path stem (MedSegDiff's
-    ``image_stride``)."""
+    """One halving per level below the top, one more with a strided image-path stem (MedSegDiff's and
+    MedSegDiff-V2's ``image_stride``, under ``extra[network]``)."""
     stride = int(dict(extra.get(network) or {}).get("image_stride", 1))
     return 2 ** (len(channels) - 1) * stride
 

@@ -42,6 +42,26 @@ def test_short_training_learns_to_segment(tmp_path):
     assert trained >= untrained + 0.3, (untrained, trained)
 
 
+@pytest.mark.slow
+def test_short_training_of_medsegdiff_v2_learns_to_segment(tmp_path):
+    """As above for MedSegDiff-V2 (U-SA and SS-Former on top of the anchored MedSegDiff): a tiny model,
+    150 steps, held-back phantoms."""
+    items = data.labelled(data.datalist(PHANTOMS))
+    train_items, held_out = items[:12], items[-3:]
+    cfg = new_config(train_items, ["organ", "lesion"], network="medsegdiff_v2", channels=[16, 32, 32],
+                     sample_steps=2, num_samples=3)
+    torch.manual_seed(0)
+    untrained = organ_dice(Segmenter(build_network(cfg), cfg), held_out)
+    result = train(cfg, train_items, (), output=tmp_path / "m.pt", epochs=5, iterations_per_epoch=30, batch_size=8)
+    assert result.losses[-1] < 0.7 * result.losses[0], result.losses
+    seg = Segmenter.from_checkpoint(tmp_path / "m.pt")
+    assert seg.cfg.network == "medsegdiff_v2"
+    trained = organ_dice(seg, held_out)
+    print(f"V2 held-out organ Dice: untrained {untrained:.3f}, trained {trained:.3f}, losses {result.losses}")
+    assert trained >= 0.6, trained
+    assert trained >= untrained + 0.3, (untrained, trained)
+
+
 def test_fine_tune_only_a_model_made_for_such_data():
     """The app fine-tunes the current model only when labels, channels and spacing fit the studies;
     otherwise it trains a new one (a 1 mm phantom model must not learn a 3 mm CT through its grid)."""
@@ -77,6 +97,12 @@ def test_new_medsegdiff_has_the_anchor_head_unless_told_not_to():
 
     assert extra("--no-anchor") == {"medsegdiff": {"anchor": False}}
     assert extra() == {}  # new_config's default decides
+    # MedSegDiff-V2: its own anchor (U-SA needs it), under its own key, off with --no-anchor too
+    v2 = new_config(items, ["organ", "lesion"], network="medsegdiff_v2")
+    assert v2.extra == {"medsegdiff_v2": {"anchor": True}} and build_network(v2).usa is not None
+    assert extra("--network", "medsegdiff_v2", "--no-anchor") == {"medsegdiff_v2": {"anchor": False}}
+    off = new_config(items, ["organ", "lesion"], network="medsegdiff_v2", extra=extra("--network", "medsegdiff_v2", "--no-anchor"))
+    assert build_network(off).usa is None
 
 
 def _volume(path: Path, array: np.ndarray, spacing=(0.8, 0.8, 2.5)) -> str:

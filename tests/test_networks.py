@@ -1,4 +1,4 @@
-"""The seed-paper variants: MedSegDiff (+ anchor head), DermoSegDiff (+ boundary-aware loss), CIMD.
+"""The seed-paper variants: MedSegDiff (+ anchor head), MedSegDiff-V2, DermoSegDiff (+ boundary-aware loss), CIMD.
 
 Shapes through the real sampler, 2D and 3D, three classes; every parameter trained; the boundary
 weights; CIMD's per-member latents; and a tiny CIMD trained on an ambiguous phantom whose samples
@@ -23,6 +23,7 @@ from monai_segdiff.transforms import PatchSampler, to_onehot_scaled
 VARIANTS = {
     "medsegdiff+anchor": ("medsegdiff", {"medsegdiff": {"anchor": True}}),
     "medsegdiff+stride2": ("medsegdiff", {"medsegdiff": {"anchor": True, "image_stride": 2}}),
+    "medsegdiff_v2": ("medsegdiff_v2", {"medsegdiff_v2": {"anchor": True}}),
     "dermosegdiff": ("dermosegdiff", {"boundary_loss": True}),
     "cimd": ("cimd", {}),
 }

@@ -9,7 +9,7 @@ mask path is light. Fusion layers are created in ``__init__`` (so they are train
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +130,10 @@ class MedSegDiff(nn.Module):
         )
 
     def _condition(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        feats = self.image_path(image)
+        return self._condition_from(self.image_path(image), image)
+
+    def _condition_from(self, feats: list[torch.Tensor], image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """:meth:`condition` from the image path's features ``feats`` (finest first), plus the anchor logits."""
         cond = [p(f) for p, f in zip(self.project, feats)]
         if self.image_stride == 2:  # the output head's features at full resolution, once per image
             cond.insert(0, resize(cond[0], image.shape[2:]))
@@ -164,6 +167,19 @@ class MedSegDiff(nn.Module):
         return None if logits is None else self.anchor_weight * dice_ce(logits, x0)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: list[torch.Tensor]) -> torch.Tensor:
+        return self.mask_path(x_t, t, cond)
+
+    def mask_path(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        cond: list[torch.Tensor],
+        first_level: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        bottleneck: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The per-step mask path on a :meth:`condition`. Variants add their conditioning through two
+        optional hooks (MedSegDiff-V2): ``first_level(h)`` on the mask features of the first level after
+        fusion, ``bottleneck(h)`` on the deepest mask features before the middle block. Without them this is MedSegDiff's denoiser."""
         temb = self.temb(t)
         if self.anchor is not None:
             *cond, anchor = cond
@@ -174,7 +190,11 @@ class MedSegDiff(nn.Module):
             if i > 0:
                 h = self.down[i - 1](h)
             h = self.film[i](self.fuse[i](self.ff[i](h), m_i), temb)
+            if i == 0 and first_level is not None:
+                h = first_level(h)
             skips.append(h)
+        if bottleneck is not None:
+            h = bottleneck(h)
         h = self.mid(h)
         for i in reversed(range(len(self.up))):
             h = F.interpolate(h, size=skips[i].shape[2:], mode="nearest")
