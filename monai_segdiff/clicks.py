@@ -186,13 +186,15 @@ REGION_REACH = 10  # voxels: how far from its click an ensemble region may be fl
 
 
 def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, clicks: Clicks,
-                  floor: float = REGION_FLOOR, reach: int = REGION_REACH) -> tuple[torch.Tensor, torch.Tensor]:
+                  held: torch.Tensor | None = None, floor: float = REGION_FLOOR,
+                  reach: int = REGION_REACH) -> tuple[torch.Tensor, torch.Tensor]:
     """Carry each click to the region around it that the ensemble left open (working grid, 3D).
 
-    ``label [*spatial]``, ``probs [K, *spatial]`` (the answer's class probabilities) and ``gate [K, *spatial]``
-    (the ensemble's fused probabilities before any clean-up). A click of class c takes the connected
-    region (face-connected, within ``reach`` voxels of the click) around it of voxels answered otherwise
-    where the members gave c at least ``floor``; those voxels become c. A background click on a false
+    ``label [*spatial]``, ``probs [K, *spatial]`` (the answer's class probabilities), ``gate [K, *spatial]``
+    (the ensemble's fused probabilities before any clean-up) and ``held [*spatial]`` (the voxels the clicks
+    hold). A click of class c takes the connected region (face-connected, within ``reach`` voxels of the
+    click) of voxels answered otherwise where the members gave c at least ``floor``, reached from the
+    click through such voxels or through the voxels the clicks hold; those voxels become c. A background click on a false
     positive thus removes the part of it the ensemble doubted, a foreground click adds the part of a missed
     structure some members drew; voxels every member agreed on are never flipped: the click selects among
     the hypotheses the ensemble drew, it does not invent one. Written here: no MONAI or scipy routine picks
@@ -203,7 +205,9 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
         local = tuple(c - b.start for c, b in zip(p, box))
         lab = label[box]
         open_ = (gate[(value, *box)] >= floor) & (lab != value)
-        open_[local] = bool(lab[local] != value)  # the clicked voxel itself, whatever the members drew
+        if held is not None:  # paths run through the held neighbourhoods (already the clicked class)
+            open_ |= held[box] & (lab == value)
+        open_[local] = True  # the clicked voxel itself, whatever the members drew
         regions, _ = ndimage.label(open_.numpy())
         if regions[local] == 0:
             continue

@@ -234,7 +234,7 @@ class Segmenter:
         if held_label is not None:
             probs, label_pre = self._keep_fixed(probs, label_pre, held_label, None if pre.ndim != 4 else previous)
         if work_clicks and self.follow:
-            label_pre, probs = follow_clicks(label_pre, probs, out.probs, work_clicks)
+            label_pre, probs = follow_clicks(label_pre, probs, out.probs, work_clicks, held=held_label >= 0)
         t_post = time.perf_counter()
         label, umap_orig = self._to_input_grid(probs, umap, label_pre, pre, img)
         t_back = time.perf_counter()

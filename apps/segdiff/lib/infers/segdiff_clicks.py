@@ -50,12 +50,13 @@ class SegDiffClicksInfer(SegDiffInfer):
             return self.model.correct(image, clicks=clicks, known=known, samples=samples, steps=steps, device=device)
 
     def output(self, pred: CachedPrediction, data: dict[str, Any]) -> np.ndarray:
-        """The whole label map (multi-label mode); in single-label mode (``foreground`` / ``background``
-        lists) the clicked segment alone as value 1, which is how the plugin imports it."""
+        """The whole label map (multi-label mode); in single-label mode (a ``foreground`` list: multi-label
+        requests carry one list per label name instead) the clicked segment alone as value 1, which is how
+        the plugin imports it."""
         out = super().output(pred, data)
         name = str(data.get("label") or "")
         names = self.model.label_names()
-        if ("foreground" in data or "background" in data) and names.get(name, 0) > 0:
+        if "foreground" in data and names.get(name, 0) > 0:
             self.labels = {name: 1}
             return (out == names[name]).astype(np.uint8)
         return out
