@@ -67,7 +67,12 @@ class SegDiffClicksInfer(SegDiffInfer):
         the clicked segment's name, as the plugin sends it; MONAI Label puts an upload's file path there)."""
         if not isinstance(path, str) or not os.path.isfile(path):
             return None
-        label = load_label(path, label_names=names).as_tensor().long()[:1]
+        try:
+            label = load_label(path, label_names=names).as_tensor().long()[:1]
+        except InputError:
+            raise
+        except Exception as e:  # an unreadable upload is the client's error, not the server's
+            raise BadOptionError(f"cannot read the uploaded label: {str(e).splitlines()[0][:200]}") from e
         final, slices = data.get("final"), data.get("slices")
         if slices not in (None, "", []):
             if not isinstance(slices, list) or not all(isinstance(z, int) and 0 <= z < label.shape[-1] for z in slices):
