@@ -126,6 +126,8 @@ class Segmenter:
             progress=progress,
             anchor_share=cfg.anchor_share,
         )
+        # MC dropout draws its masks from the generator: no initial noise is drawn for it
+        self.inferer.takes_noise = self.inferer.takes_noise and cfg.is_diffusion
         # 2D images are preprocessed in-plane and kept 2D; volumes in 3D (sliced by a 2D network later)
         self.preprocess = {dims: preprocess_transforms(cfg, load=False, image_dims=dims) for dims in (2, 3)}
 

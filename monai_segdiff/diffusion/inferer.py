@@ -155,16 +155,8 @@ class SegDiffInferer(Inferer):
             self.takes_noise = False
 
     def _generator(self, offset: int = 0) -> torch.Generator | None:
-        return None if self.seed is None else torch.Generator().manual_seed(int(self.seed) * 100_003 + int(offset))
-
-    def _slice_noise(self, zs: Sequence[int], shape: Sequence[int]) -> torch.Tensor | None:
-        """Initial noise ``[N * B, K, *shape]`` (member-major) of slices ``zs``, each slice's from its own
-        seed: a slice gets the same noise whichever slices share its batch, so a click update that reruns
-        only the clicked slices starts them from the noise of the plain run."""
-        if self.seed is None:
-            return None
-        per_slice = [torch.randn(self.n, self.k, *shape, generator=self._generator(1 + z)) for z in zs]
-        return torch.stack(per_slice, 1).flatten(0, 1)
+        """The generator of the batch starting at slice ``offset`` (``seed`` itself for the first)."""
+        return None if self.seed is None else torch.Generator().manual_seed(int(self.seed) + 100_003 * int(offset))
 
     @torch.inference_mode()
     def __call__(
@@ -206,26 +198,45 @@ class SegDiffInferer(Inferer):
             exp_ent = torch.zeros(h, w, d)
             wanted = None
         per_batch = max(1, self.max_batch_pixels // (self.n * h * w))
-        todo = sorted(wanted) if wanted is not None else list(range(d))
-        runs = [todo[i : i + per_batch] for i in range(0, len(todo), per_batch)]
-        runs = [(r[0], r[-1] + 1) for run in runs for r in _contiguous(run)]
+        # the batches of a plain run; an update (``only``) computes the wanted slices of a batch from that
+        # batch's generator and the rows of its initial noise that belong to them, so each recomputed slice
+        # starts from the plain run's noise whichever slices are recomputed with it
+        batches = [(b0, min(d, b0 + per_batch)) for b0 in range(0, d, per_batch)]
+        if wanted is not None:
+            batches = [(b0, b1) for b0, b1 in batches if wanted & set(range(b0, b1))]
         if self.progress:
-            runs = tqdm(runs, desc="slices", unit="batch", leave=False)
-        for z0, z1 in runs:
-            sub = volume[..., max(0, z0 - self.context) : min(d, z1 + self.context)]
-            batch = context_slices(sub, self.context)[z0 - max(0, z0 - self.context) :][: z1 - z0]
-            batch, crop = pad_to_multiple(batch, self.divisor, 2)
-            if side is not None:  # padded with 0: no guidance, nothing held
-                batch = torch.cat([batch, pad_to_multiple(side[..., z0:z1].permute(3, 0, 1, 2), self.divisor, 2, 0.0)[0]], 1)
-            noise = {"noise": self._slice_noise(range(z0, z1), batch.shape[2:])} if self.takes_noise else {}
-            p, anchor = _split(self.members(net, batch, self.n, self._generator(z0), **noise), self.anchor_share)
-            p = p[..., crop[0], crop[1]]  # [N, B, K, h, w]
-            anchor = None if anchor is None else anchor[..., crop[0], crop[1]]
-            fused, ent = _fuse(p, anchor, self.anchor_share, 1)
-            probs[..., z0:z1] = fused.permute(1, 2, 3, 0)
-            samples[..., z0:z1] = class_argmax(p, 2, torch.uint8).permute(0, 2, 3, 1)
-            exp_ent[..., z0:z1] = ent.permute(1, 2, 0)
+            batches = tqdm(batches, desc="slices", unit="batch", leave=False)
+        for b0, b1 in batches:
+            gen = self._generator(b0)
+            runs = [(b0, b1)] if wanted is None else [(r[0], r[-1] + 1) for r in _contiguous(sorted(wanted & set(range(b0, b1))))]
+            noise = None
+            if self.takes_noise and gen is not None:  # the draw the sampler makes in a plain run, made here
+                padded = [s + (-s) % self.divisor for s in (h, w)]
+                noise = torch.randn(self.n * (b1 - b0), self.k, *padded, generator=gen).view(self.n, b1 - b0, self.k, *padded)
+            for z0, z1 in runs:
+                self._slice_batch(volume, net, side, z0, z1, gen,
+                                  None if noise is None else noise[:, z0 - b0 : z1 - b0].flatten(0, 1),
+                                  probs, samples, exp_ent)
         return EnsembleOutput(probs, samples, exp_ent)
+
+    def _slice_batch(self, volume: torch.Tensor, net: nn.Module, side: torch.Tensor | None, z0: int, z1: int,
+                     gen: torch.Generator | None, noise: torch.Tensor | None, probs: torch.Tensor,
+                     samples: torch.Tensor, exp_ent: torch.Tensor) -> None:
+        """Slices ``z0..z1`` of a volume into ``probs``, ``samples``, ``exp_ent``."""
+        d = volume.shape[-1]
+        sub = volume[..., max(0, z0 - self.context) : min(d, z1 + self.context)]
+        batch = context_slices(sub, self.context)[z0 - max(0, z0 - self.context) :][: z1 - z0]
+        batch, crop = pad_to_multiple(batch, self.divisor, 2)
+        if side is not None:  # padded with 0: no guidance, nothing held
+            batch = torch.cat([batch, pad_to_multiple(side[..., z0:z1].permute(3, 0, 1, 2), self.divisor, 2, 0.0)[0]], 1)
+        given = {"noise": noise} if noise is not None else {}
+        p, anchor = _split(self.members(net, batch, self.n, gen, **given), self.anchor_share)
+        p = p[..., crop[0], crop[1]]  # [N, B, K, h, w]
+        anchor = None if anchor is None else anchor[..., crop[0], crop[1]]
+        fused, ent = _fuse(p, anchor, self.anchor_share, 1)
+        probs[..., z0:z1] = fused.permute(1, 2, 3, 0)
+        samples[..., z0:z1] = class_argmax(p, 2, torch.uint8).permute(0, 2, 3, 1)
+        exp_ent[..., z0:z1] = ent.permute(1, 2, 0)
 
     def _patches(self, volume: torch.Tensor, net: nn.Module, side: torch.Tensor | None = None) -> EnsembleOutput:
         gen = self._generator()
