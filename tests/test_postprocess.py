@@ -239,7 +239,7 @@ def test_shipped_model_and_its_stored_clean_up(one_thread, tmp_path, capsys):
     with its stored settings (two test-time views; median, confident component, fill holes): the
     lesion is drawn from the unfiltered probabilities, fuller than the median-filtered arg-max with the
     largest component draws it (phantom_009: 0.79 -> 0.85, phantom_018: 0.66 -> 0.76), and the
-    lesion-free phantom_010 stays clean more often (2 of 3 noise seeds) than with the older clean-up (0 of 3).
+    lesion-free phantom_010 stays clean more often over three noise seeds than with the older clean-up.
     `segdiff evaluate --postprocess` scores the older clean-up the same way."""
     from monai_segdiff.metrics import dice_per_label
 
@@ -274,8 +274,8 @@ def test_shipped_model_and_its_stored_clean_up(one_thread, tmp_path, capsys):
             if name == "stored":
                 assert dice_per_label(clean, ref, 3)[0] > 0.9
     clean_runs = {name: sum(n == 0 for n in counts) for name, counts in false_lesion.items()}
-    assert clean_runs["stored"] >= 2, false_lesion  # measured: [52, 0, 0] voxels
-    assert clean_runs["older"] < clean_runs["stored"], false_lesion  # measured: [8, 4, 4]: a speck every time
+    assert clean_runs["stored"] >= 2, false_lesion
+    assert clean_runs["older"] < clean_runs["stored"], false_lesion  # the older clean-up keeps specks
     assert main(["evaluate", "--model", str(model), "--studies", str(PHANTOMS), "--report", str(tmp_path),
                  "--cases", case, "--postprocess", older, "--no-pictures", "--quiet"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
