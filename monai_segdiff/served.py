@@ -229,17 +229,21 @@ class ServedModel:
             return e
         return ModelMissing(f"model file {self.path} disappeared while loading")
 
-    def predict(
-        self, image: str, samples: int | None = None, steps: int | None = None, device: str | None = None
-    ) -> tuple[CachedPrediction, bool]:
-        """Segment ``image`` (a file path) or reuse the cached result: ``(prediction, cached)``."""
-        ts = self.ts()
+    def _keyed(self, image: str, samples: int | None, steps: int | None, device: str | None) -> tuple:
+        """``(Segmenter, image file signature, cache key)`` of one image, model version and settings."""
         seg, sig = self.segmenter(samples, steps, device)
         try:
             image_sig = file_signature(image)
         except (FileNotFoundError, TypeError, ValueError):
             raise ImageMissing(f"image not found: {image!r}") from None
-        key = (image_sig, sig, seg.num_samples, steps or self.steps, device or self.device, seg.tta_flips)
+        return seg, image_sig, (image_sig, sig, seg.num_samples, steps or self.steps, device or self.device, seg.tta_flips)
+
+    def predict(
+        self, image: str, samples: int | None = None, steps: int | None = None, device: str | None = None
+    ) -> tuple[CachedPrediction, bool]:
+        """Segment ``image`` (a file path) or reuse the cached result: ``(prediction, cached)``."""
+        ts = self.ts()
+        seg, image_sig, key = self._keyed(image, samples, steps, device)
 
         def compute() -> CachedPrediction:
             p = seg(image_sig[0])  # InputError for an image it cannot segment
@@ -256,12 +260,7 @@ class ServedModel:
         label voxels (see ``Segmenter.__call__``), reusing the plain prediction of the same image, model
         and settings (computed first if needed): ``(prediction, plain prediction was cached)``."""
         ts = self.ts()
-        seg, sig = self.segmenter(samples, steps, device)
-        try:
-            image_sig = file_signature(image)
-        except (FileNotFoundError, TypeError, ValueError):
-            raise ImageMissing(f"image not found: {image!r}") from None
-        key = (image_sig, sig, seg.num_samples, steps or self.steps, device or self.device, seg.tta_flips)
+        seg, image_sig, key = self._keyed(image, samples, steps, device)
         plain, cached = self.plains.get_or_compute(key, lambda: seg(image_sig[0]))
         if clicks:
             clicks = clicks.check_within(plain.label.shape[1:])
