@@ -68,6 +68,8 @@ class RetrainOptions:
         pretrained: fine-tune the current model when it fits the studies.
         network: network of a new model (one of ``config.NETWORKS``).
         seed: seed of the validation split and the training run.
+        click_channels: a new model also learns from simulated clicks (``SegDiffConfig.click_channels``,
+            :mod:`monai_segdiff.interaction`); a fine-tuned model keeps its own setting.
     """
 
     epochs: int | None = 10
@@ -79,6 +81,7 @@ class RetrainOptions:
     pretrained: bool = True
     network: str = field(default_factory=lambda: SegDiffConfig().network)
     seed: int = _TRAIN["seed"]
+    click_channels: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs is None and self.max_minutes is None:
@@ -87,7 +90,8 @@ class RetrainOptions:
     @classmethod
     def from_request(cls, request: Mapping[str, Any], defaults: RetrainOptions | None = None) -> RetrainOptions:
         """Options from a MONAI Label train request (``max_epochs``, ``max_minutes``, ``val_split``,
-        ``train_batch_size``, ``learning_rate``, ``iterations_per_epoch``, ``pretrained``, ``network``);
+        ``train_batch_size``, ``learning_rate``, ``iterations_per_epoch``, ``pretrained``, ``network``,
+        ``click_channels``);
         a missing or empty value keeps ``defaults``; 0 epochs, minutes or iterations mean no limit /
         automatic. Raises :class:`InputError` naming the option for a value outside its range."""
         opts = defaults or cls()
@@ -109,11 +113,12 @@ class RetrainOptions:
             if network not in NETWORKS:
                 raise InputError(f"unknown network {network!r}; use one of {', '.join(NETWORKS)}")
             changes["network"] = str(network)
-        if request.get("pretrained") not in (None, ""):
-            try:
-                changes["pretrained"] = str2bool(str(request["pretrained"]).strip())
-            except ValueError:
-                raise InputError(f"pretrained must be true or false, got {request['pretrained']!r}") from None
+        for key in ("pretrained", "click_channels"):
+            if request.get(key) not in (None, ""):
+                try:
+                    changes[key] = str2bool(str(request[key]).strip())
+                except ValueError:
+                    raise InputError(f"{key} must be true or false, got {request[key]!r}") from None
         return replace(opts, **changes)
 
 
@@ -150,7 +155,8 @@ def choose_start(source: str | os.PathLike | None, items: Sequence[dict], labels
                 logger.info(f"fine-tuning {source} ({cfg.network}, labels {cfg.labels})")
                 return Start(cfg, state, "pretrained", str(source))
     logger.info(f"training a new {options.network} model for labels {list(labels)}: {reason}")
-    return Start(new_config(items, list(labels), network=options.network), None, "scratch", None, reason)
+    cfg = new_config(items, list(labels), network=options.network, click_channels=options.click_channels)
+    return Start(cfg, None, "scratch", None, reason)
 
 
 def baseline_dice(start: Start, val_items: Sequence[dict], device: str = "cpu") -> float | None:

@@ -19,7 +19,7 @@ from torch import nn
 from . import uncertainty as unc
 from .clicks import Clicks, click_region, follow_clicks, guidance
 from .config import SegDiffConfig, load_checkpoint
-from .diffusion.inferer import EnsembleOutput, SegDiffInferer
+from .diffusion.inferer import EnsembleOutput, SegDiffInferer, context_slices, pad_to_multiple
 from .diffusion.sampler import build_sampler
 from .errors import InputError
 from .io import ImageFiles, load_image, load_label  # noqa: F401  (load_label: importable from here too)
@@ -138,6 +138,34 @@ class Segmenter:
         net.load_state_dict(state)
         return cls(net, cfg, **kwargs)
 
+    @torch.inference_mode()
+    def features(self, image: ImageFiles | MetaTensor) -> torch.Tensor:
+        """One vector per image from the network's image path, for diversity-aware selection
+        (:mod:`monai_segdiff.selection`): every tensor :meth:`condition` gives, averaged over space (and
+        over the slices of a slice model), concatenated. Needs a network with an image path (diffusion)."""
+        if not hasattr(self.net, "condition"):
+            raise ValueError(f"a {self.cfg.network} network has no image path to take features from")
+        img = image if isinstance(image, torch.Tensor) else load_image(image)
+        img = img if isinstance(img, MetaTensor) else MetaTensor(img)
+        check_image(img, self.cfg)
+        pre = apply(self.preprocess[img.ndim - 1], {"image": img.float()})["image"]
+        pre = pre.as_tensor().float() if isinstance(pre, MetaTensor) else torch.as_tensor(pre).float()
+        if self.cfg.spatial_dims == 2:
+            batch = context_slices(pre if pre.ndim == 4 else pre[..., None], self.cfg.context)
+            batch = pad_to_multiple(batch, self.cfg.divisor, 2)[0]
+        else:
+            batch = pad_to_multiple(pre[None], self.cfg.divisor, 3)[0]
+        if self.cfg.guidance_channels:  # a click-trained network without clicks: zero guidance
+            batch = torch.cat([batch, batch.new_zeros(batch.shape[0], self.cfg.guidance_channels, *batch.shape[2:])], 1)
+        per_call = max(1, self.inferer.max_batch_pixels // math.prod(batch.shape[2:]))
+        pooled = []
+        for chunk in batch.split(per_call):
+            cond = self.net.condition(chunk.to(self.device))
+            parts = cond.values() if isinstance(cond, dict) else cond if isinstance(cond, (list, tuple)) else [cond]
+            pooled.append(torch.cat([t.float().flatten(2).mean(-1) for t in parts
+                                     if isinstance(t, torch.Tensor) and t.ndim >= 3], 1).cpu())
+        return torch.cat(pooled).mean(0)
+
     def _members(self, net: nn.Module, batch: torch.Tensor, n: int, gen: torch.Generator | None,
                  noise: torch.Tensor | None = None) -> tuple:
         """Members of one batch ``[B, C' (+ guidance) (+ K known values + 1 known mask), ...]``: the side
@@ -236,7 +264,9 @@ class Segmenter:
         if held_label is not None:
             probs, label_pre = self._keep_fixed(probs, label_pre, held_label, None if pre.ndim != 4 else previous)
         if work_clicks and self.follow:
-            label_pre, probs = follow_clicks(label_pre, probs, out.probs, work_clicks, held=held_label >= 0)
+            label_pre, probs = follow_clicks(label_pre, probs, out.probs, work_clicks, held=held_label >= 0,
+                                             image=pre[0].as_tensor() if hasattr(pre, "as_tensor") else pre[0],
+                                             plain=None if previous is None else previous.label_work)
         t_post = time.perf_counter()
         label, umap_orig = self._to_input_grid(probs, umap, label_pre, pre, img)
         t_back = time.perf_counter()

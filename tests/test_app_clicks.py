@@ -129,7 +129,6 @@ def test_clicks_fix_what_they_point_at(env):
     # slices out of a click's reach are the Auto Segmentation's
     untouched = [z for z in range(ref.shape[2]) if min(abs(z - bg[2]), abs(z - fg[2])) > REGION_REACH]
     assert np.array_equal(both[..., untouched], plain[..., untouched])
-    assert TIMINGS["second click (s)"] < TIMINGS["Auto Segmentation (s)"]
 
 
 def test_single_label_mode_answers_the_clicked_segment(env):

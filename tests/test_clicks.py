@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from monai_segdiff.clicks import Clicks, click_region, follow_clicks, guidance, next_click, parse_clicks
+from monai_segdiff.clicks import Clicks, click_region, follow_clicks, grow, guidance, next_click, parse_clicks
 from monai_segdiff.config import SegDiffConfig
 from monai_segdiff.errors import InputError
 from monai_segdiff.interaction import clicks_on_errors, with_simulated_clicks
@@ -104,6 +104,51 @@ def test_follow_clicks_flips_only_what_the_ensemble_doubted():
     out, _ = follow_clicks(label, probs, probs, Clicks([(0, (5, 5, 2))]))
     assert int((out != label).sum()) == 1
     assert torch.equal(follow_clicks(label, probs, probs, Clicks([(1, (5, 5, 2))]))[0], label)
+
+
+def test_a_click_where_no_member_drew_anything_grows_by_image_similarity():
+    g = torch.Generator().manual_seed(0)
+    image = 0.05 * torch.randn(30, 30, 5, generator=g)
+    image[8:16, 8:16, :] += 1.0  # a bright structure every member missed
+    image[20:24, 20:24, :] += 1.0  # another one, not connected to it
+    label = torch.zeros(30, 30, 5, dtype=torch.long)
+    probs = torch.stack([torch.ones(30, 30, 5), torch.zeros(30, 30, 5)])
+    assert grow(image[..., 2].numpy(), (10, 10)).sum() == 64
+    held = torch.zeros(30, 30, 5, dtype=torch.bool)
+    held[11, 11, 2] = True
+    out, _ = follow_clicks(label, probs, probs, Clicks([(1, (11, 11, 2))]), held=held, image=image)
+    structure = torch.zeros(30, 30, 5, dtype=torch.bool)
+    structure[8:16, 8:16, :] = True
+    assert out[structure].float().mean() > 0.95 and not out[~structure].any()  # the structure in 3D, nothing else
+    # without the image (or when members drew a region) nothing is grown
+    assert int(follow_clicks(label, probs, probs, Clicks([(1, (11, 11, 2))]), held=held)[0].sum()) == 1
+
+
+def test_a_click_in_a_small_blob_of_the_plain_answer_flips_the_whole_blob():
+    # the plain answer: a sure false-positive blob over 3 slices, and a sure organ larger than the reach
+    plain = torch.zeros(40, 40, 8, dtype=torch.long)
+    plain[5:9, 5:9, 2:5] = 1
+    plain[15:40, 10:30, :] = 1
+    sure = torch.nn.functional.one_hot(plain, 2).movedim(-1, 0).float()  # every member agreed: no doubt to follow
+    held = torch.zeros(40, 40, 8, dtype=torch.bool)
+    held[6, 6, 3] = True
+    label = plain.clone()
+    label[6, 6, 3] = 0  # the clicked voxel, already held
+    out, out_p = follow_clicks(label, sure, sure, Clicks([(0, (6, 6, 3))]), held=held, plain=plain)
+    assert not out[5:9, 5:9, 2:5].any()  # the whole blob, in every slice
+    assert torch.equal(out[15:, 10:30], plain[15:, 10:30]) and float(out_p[1, 5:9, 5:9, 2:5].max()) == 0.0
+    # a click inside the organ (it reaches beyond the click's reach) flips only what it holds
+    label = plain.clone()
+    label[25, 20, 4] = 0
+    out, _ = follow_clicks(label, sure, sure, Clicks([(0, (25, 20, 4))]), plain=plain)
+    assert int((out != plain).sum()) == 1
+    # without the plain answer the sure blob stays (only the clicked voxel changes)
+    out, _ = follow_clicks(plain.clone(), sure, sure, Clicks([(0, (6, 6, 3))]))
+    assert int((out != plain).sum()) == 1
+    # a voxel another click holds as foreground is never flipped by the background click's blob
+    held[5, 5, 2] = True
+    out, _ = follow_clicks(plain.clone(), sure, sure, Clicks([(0, (6, 6, 3))]), held=held, plain=plain)
+    assert out[5, 5, 2] == 1 and int(out[5:9, 5:9, 2:5].sum()) == 1
 
 
 def _tiny(network: str = "medsegdiff", click_channels: bool = False) -> tuple[torch.nn.Module, SegDiffConfig]:

@@ -29,7 +29,9 @@ def sha(path) -> str:
 def test_options_from_a_train_request():
     opts = RetrainOptions.from_request({"max_epochs": "3", "max_minutes": 0, "val_split": "0.25",
                                         "train_batch_size": 4.0, "learning_rate": "5e-4",
-                                        "iterations_per_epoch": 0, "pretrained": "false", "network": "concat"})
+                                        "iterations_per_epoch": 0, "pretrained": "false", "network": "concat",
+                                        "click_channels": "true"})
+    assert opts.click_channels is True and RetrainOptions().click_channels is False
     assert (opts.epochs, opts.max_minutes, opts.val_split, opts.batch_size, opts.lr) == (3, None, 0.25, 4, 5e-4)
     assert opts.iterations_per_epoch is None and opts.pretrained is False and opts.network == "concat"
     defaults = RetrainOptions(epochs=None, max_minutes=5.0)
@@ -44,6 +46,7 @@ def test_options_from_a_train_request():
     ({"train_batch_size": "many"}, "train_batch_size must be a number >= 1, got 'many'"),
     ({"network": "nope"}, "unknown network 'nope'"),
     ({"pretrained": "perhaps"}, "pretrained must be true or false"),
+    ({"click_channels": "sometimes"}, "click_channels must be true or false"),
 ])
 def test_bad_options_are_refused_with_the_option_named(request_, words):
     with pytest.raises(InputError, match=words):
@@ -60,6 +63,9 @@ def test_start_fine_tunes_only_a_model_for_the_studies_labels(tiny_model, tmp_pa
     assert "labels ['brain'] differ from the model's ['organ', 'lesion']" in other.reason
     off = choose_start(tiny_model, items, ["organ", "lesion"], RetrainOptions(pretrained=False, network="concat"))
     assert off.init == "scratch" and off.reason == "pretrained is off"
+    assert not off.config.click_channels  # a new model learns from simulated clicks only when asked
+    clicks = choose_start(tiny_model, items, ["organ"], RetrainOptions(click_channels=True))
+    assert clicks.init == "scratch" and clicks.config.click_channels and clicks.config.guidance_channels == 2
     broken = tmp_path / "broken.pt"
     broken.write_bytes(open(tiny_model, "rb").read()[:1000])
     unreadable = choose_start(broken, items, ["organ", "lesion"], RetrainOptions(network="concat"))

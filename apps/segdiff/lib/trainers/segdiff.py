@@ -89,6 +89,7 @@ class SegDiffTrain(TrainTask):
             "iterations_per_epoch": 0,  # 0: automatic (one pass over the slices, 20..200)
             "pretrained": True,  # fine-tune the current model when its labels match
             "network": [d.network] + [n for n in NETWORKS if n != d.network],  # for a new model
+            "click_channels": d.click_channels,  # a new model also learns from simulated clicks (segdiff_clicks)
             "device": devices(self.device),
             "multi_gpu": False,  # DDP, one process per GPU of `gpus` (without CUDA: one CPU process per id)
             "gpus": "all",  # "all" or ids like "0,1"
