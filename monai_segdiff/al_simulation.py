@@ -10,15 +10,21 @@ A simulation of the MONAI Label annotation loop on a folder whose cases are all 
    round's weights, and evaluated (mean foreground Dice) on the test split.
 
 The *learner* is the same diffusion model for every strategy, so the curves differ only by which cases
-were picked. Strategies:
+were picked. Strategies (the selection rules are in :mod:`monai_segdiff.selection`):
 
 * ``random``: uniform over the pool (seeded).
+* ``fg_random``: nnActive's foreground-aware random ("Random 33% FG"): a third of the picks drawn among
+  the cases whose (hidden) label contains a foreground class, the rest uniformly.
 * ``segdiff_uncertainty``: the learner's own ensemble, ranked by ``Prediction.stats["case_score"]``
   from :class:`~monai_segdiff.segmenter.Segmenter` -- the exact call the MONAI Label app's scoring task
   makes (``apps/segdiff/lib/scoring``), with the app's default 3 samples x 2 steps.
 * ``mc_dropout``: MONAI Label's epistemic approach: a deterministic UNet with dropout (``network="unet"``),
   trained alongside on the same labelled cases (also warm-started), scored by the same ``case_score``
   on its MC-dropout samples. It only chooses cases; the curve is still the diffusion learner's Dice.
+* ``diverse_uncertainty``: ``segdiff_uncertainty``'s scores, guarded against outliers and redundancy
+  (:func:`~monai_segdiff.selection.diverse_top`): the least typical tenth of the pool set aside, the most
+  uncertain typical cases clustered on the learner's image-path features
+  (:meth:`~monai_segdiff.segmenter.Segmenter.features`), the most uncertain case of each cluster.
 
 Outputs in the report folder, rewritten after every round so a long run can be watched:
 ``curves.json`` (every round of every run, settings, summary), ``curves.png`` (mean Dice vs labelled
@@ -27,13 +33,22 @@ cases with mean +- std over seeds and min-max bars), ``summary.json`` (label sav
 
 Label saving: the target is random's final mean Dice; for each strategy the first labelled-case count
 whose mean Dice (over seeds) reaches it, as a fraction of random's final count (``fraction_of_labels``)
-and of the labels added after the initial set (``fraction_of_added_labels``).
+and of the labels added after the initial set (``fraction_of_added_labels``); also per seed (each seed's
+own random run as the target), with mean and standard deviation. Area under the budget curve (AUBC): the
+trapezoid area under Dice vs labelled cases divided by the labelled range, per run; reported as the mean
+and standard error over seeds, and as the paired per-seed difference to ``fg_random`` and ``random``.
+
+A run can be stopped and started again with the same command: finished rounds are read back from
+``curves.json`` and the models of the last finished round from ``.resume/`` in the report folder.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +62,7 @@ import torch
 from . import data as data_mod
 from . import metrics
 from . import report as rep
+from . import selection
 from .config import SegDiffConfig, load_checkpoint
 from .io import load_label, write_json
 from .labelset import label_names
@@ -59,10 +75,12 @@ from .values import finite
 
 __all__ = ["STRATEGIES", "ACQUISITIONS", "SimulationSettings", "simulate", "label_saving", "summary_text"]
 
-STRATEGIES = ("random", "segdiff_uncertainty", "mc_dropout")
+STRATEGIES = ("random", "fg_random", "segdiff_uncertainty", "mc_dropout", "diverse_uncertainty")
+SCORED = ("segdiff_uncertainty", "mc_dropout", "diverse_uncertainty")
 ACQUISITIONS = ("top", "power")
 ALIASES = {"uncertainty": "segdiff_uncertainty", "segdiff": "segdiff_uncertainty", "epistemic": "mc_dropout",
-           "mcdropout": "mc_dropout", "mc-dropout": "mc_dropout"}
+           "mcdropout": "mc_dropout", "mc-dropout": "mc_dropout", "foreground_random": "fg_random",
+           "random_fg": "fg_random", "diverse": "diverse_uncertainty"}
 
 
 @dataclass
@@ -92,6 +110,7 @@ class SimulationSettings:
             ``score ** power_beta``, which spreads the picks over the uncertain cases instead of
             taking only the most extreme ones).
         power_beta: exponent of ``power`` acquisition.
+        fg_share: share of ``fg_random``'s picks drawn among cases containing foreground.
         device: torch device.
     """
 
@@ -119,6 +138,7 @@ class SimulationSettings:
     mc_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     acquisition: str = "top"
     power_beta: float = 1.0
+    fg_share: float = selection.FG_SHARE
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -137,6 +157,8 @@ class SimulationSettings:
             raise ValueError("give a training budget: epochs or max_minutes")
         if not self.seeds:
             raise ValueError("give at least one seed")
+        if not 0.0 <= self.fg_share <= 1.0:
+            raise ValueError(f"fg share must be in [0, 1], got {self.fg_share}")
         if self.acquisition not in ACQUISITIONS:
             raise ValueError(f"acquisition must be one of {', '.join(ACQUISITIONS)}, got {self.acquisition!r}")
 
@@ -278,12 +300,59 @@ def label_saving(curve_set: dict[str, dict], initial: int) -> dict:
     return summary
 
 
+def aubc(rounds: Sequence[dict]) -> float:
+    """Area under one run's budget curve: trapezoid area under Dice vs labelled cases over the labelled
+    range (the mean Dice over the budget; a single round: its Dice)."""
+    n = np.asarray([r["n_labelled"] for r in rounds], dtype=np.float64)
+    d = np.asarray([r["dice"] for r in rounds], dtype=np.float64)
+    if len(n) < 2 or n[-1] == n[0]:
+        return float(d.mean())
+    return float(np.sum((d[1:] + d[:-1]) / 2 * np.diff(n)) / (n[-1] - n[0]))
+
+
+def _mean_se(values: Sequence[float]) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
+    return {"mean": float(v.mean()) if len(v) else None, "se": se, "n": int(len(v))}
+
+
+def seed_summary(runs: Sequence[dict], strategies: Sequence[str]) -> dict:
+    """Per strategy over seeds: AUBC mean and standard error; the paired per-seed AUBC difference to
+    ``fg_random`` and ``random`` (mean, SE, and whether it exceeds two SE); the labelled cases each seed
+    needs to reach its own random run's final Dice (None: never within the budget)."""
+    by = {(r["strategy"], r["seed"]): r["rounds"] for r in runs if r["rounds"]}
+    seeds = sorted({seed for _, seed in by})
+    out: dict[str, Any] = {}
+    for name in strategies:
+        mine = {seed: by[(name, seed)] for seed in seeds if (name, seed) in by}
+        if not mine:
+            continue
+        entry: dict[str, Any] = {"aubc": _mean_se([aubc(r) for r in mine.values()]), "vs": {}}
+        for ref in ("fg_random", "random"):
+            pairs = [aubc(r) - aubc(by[(ref, seed)]) for seed, r in mine.items() if (ref, seed) in by]
+            if ref != name and pairs:
+                diff = _mean_se(pairs)
+                diff["beats_by_2se"] = bool(diff["se"] is not None and diff["mean"] > 2 * diff["se"])
+                entry["vs"][ref] = diff
+        reach = []
+        for seed, r in mine.items():
+            if ("random", seed) not in by:
+                continue
+            target = by[("random", seed)][-1]["dice"]
+            reach.append(next((x["n_labelled"] for x in r if x["dice"] >= target - 1e-12), None))
+        got = [x for x in reach if x is not None]
+        entry["n_to_reach_random_final"] = {"per_seed": reach, "reached": len(got), **_mean_se(got)}
+        out[name] = entry
+    return out
+
+
 def _write(out: Path, result: dict, pictures: bool = True) -> None:
     c = curves(result["runs"], result["settings"]["strategies"])
     result["curves"] = c
     labels = result.get("learner", {}).get("labels", [])
     result["curves_per_label"] = {n: curves(result["runs"], result["settings"]["strategies"], n) for n in labels}
     result["summary"] = label_saving(c, result["settings"]["initial"])
+    result["summary"]["per_seed"] = seed_summary(result["runs"], result["settings"]["strategies"])
     safe = finite(result)
     write_json(safe, out / "curves.json")
     write_json(safe["summary"], out / "summary.json")
@@ -301,15 +370,59 @@ def _write(out: Path, result: dict, pictures: bool = True) -> None:
 
 # ------------------------------------------------------------------------------------ simulation
 def _pick(strategy: str, pool: list[dict], scores: dict[str, dict] | None, n: int, rng: random.Random,
-          acquisition: str = "top", beta: float = 1.0) -> list[str]:
+          acquisition: str = "top", beta: float = 1.0, classes: dict[str, set[int]] | None = None,
+          features: dict[str, np.ndarray] | None = None, fg_share: float = selection.FG_SHARE) -> list[str]:
     ids = sorted(it["id"] for it in pool)
+    if strategy == "fg_random":
+        return selection.foreground_random(ids, classes or {}, n, rng, fg_share)
     if strategy == "random" or not scores:
         return rng.sample(ids, min(n, len(ids)))
-    if acquisition == "power":  # Gumbel-top-k: n draws without replacement, P(i) ~ score_i ** beta
-        keys = {i: beta * math.log(max(scores[i]["score"], 1e-12)) - math.log(-math.log(rng.random() or 1e-300))
-                for i in ids}
-        return sorted(ids, key=lambda i: (-keys[i], i))[:n]
-    return sorted(ids, key=lambda i: (-scores[i]["score"], i))[:n]
+    score = {i: scores[i]["score"] for i in ids}
+    if strategy == "diverse_uncertainty":
+        return selection.diverse_top(ids, score, features or {}, n, rng)
+    if acquisition == "power":
+        return selection.power_scores(ids, score, n, rng, beta)
+    return selection.top_scores(ids, score, n)
+
+
+def label_classes(items: Sequence[dict], label_names: dict[str, int]) -> dict[str, set[int]]:
+    """``{id: foreground values its label contains}`` (what ``fg_random`` may know, as nnActive's baseline)."""
+    return {it["id"]: {int(v) for v in torch.unique(load_label(it["label"], label_names)[0]).tolist() if v > 0}
+            for it in items}
+
+
+class _Resume:
+    """The models of each run's last finished round under ``<report>/.resume`` (written atomically), and
+    the finished rounds of an earlier ``curves.json`` made with the same settings and split (strategies and
+    seeds may differ: more of either extends it)."""
+
+    def __init__(self, out: Path, result: dict) -> None:
+        self.dir = out / ".resume"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.runs: dict[tuple[str, int], dict] = {}
+        try:
+            old = json.loads((out / "curves.json").read_text())
+        except (OSError, ValueError):
+            return
+        # runs are kept by (strategy, seed): another list of strategies or seeds extends a finished simulation
+        other = {k: v for k, v in (old.get("settings") or {}).items() if k not in ("strategies", "seeds")}
+        mine = {k: v for k, v in finite(result["settings"]).items() if k not in ("strategies", "seeds")}
+        if other == mine and old.get("split") == result["split"]:
+            self.runs = {(r["strategy"], int(r["seed"])): r for r in old.get("runs", [])}
+
+    def _path(self, key: str) -> Path:
+        return self.dir / f"{key}.pt"
+
+    def save(self, key: str, states: dict) -> None:
+        tmp = self._path(key).with_suffix(".tmp")
+        torch.save(states, tmp)
+        os.replace(tmp, self._path(key))
+
+    def load(self, key: str) -> dict | None:
+        try:
+            return torch.load(self._path(key), weights_only=True)
+        except (OSError, RuntimeError, EOFError):
+            return None
 
 
 def simulate(
@@ -319,7 +432,8 @@ def simulate(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Run the simulation; write and return ``curves.json``'s content (see the module doc)."""
+    """Run the simulation (resuming an interrupted one in the same report folder); write and return
+    ``curves.json``'s content (see the module doc)."""
     s = settings
     out = Path(report_dir)
     say = log or (lambda msg: None)
@@ -333,6 +447,7 @@ def simulate(
     ucfg = scorer_config(cfg, s) if "mc_dropout" in s.strategies else None
     out.mkdir(parents=True, exist_ok=True)
     test_cases = load_cases(test, cfg)
+    classes = label_classes(pool_all, cfg.label_names) if "fg_random" in s.strategies else None
     result: dict[str, Any] = {
         "studies": str(studies),
         "settings": asdict(s),
@@ -341,40 +456,67 @@ def simulate(
         "split": {"pool": len(pool_all), "test": len(test), "test_ids": [it["id"] for it in test]},
         "runs": [],
     }
+    resume = _Resume(out, result)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work:
         trainer = _Trainer(s, Path(work), progress=progress)
         for seed in s.seeds:
             initial_ids = sorted(random.Random(seed).sample(sorted(it["id"] for it in pool_all), s.initial))
             by_id = {it["id"]: it for it in pool_all}
+            finished = {name: resume.runs[(name, seed)] for name in s.strategies
+                        if (name, seed) in resume.runs and _finished(resume.runs[(name, seed)], s, len(pool_all))}
+            if len(finished) == len(s.strategies):  # this seed ran before: nothing to train
+                result["runs"] += [finished[name] for name in s.strategies]
+                continue
             # round 0 is the same for every strategy of this seed: train once
+            round0 = resume.load(f"seed{seed}-round0")
             t0 = time.perf_counter()
-            state0, info0 = trainer(cfg, [by_id[i] for i in initial_ids], None, seed=seed * 1000, first=True)
-            dice0 = evaluate_dice(_segmenter(cfg, state0, s.samples, s.steps, 0, s.device), test_cases)
-            ustate0 = None
-            if ucfg is not None:
-                ustate0, _ = trainer(ucfg, [by_id[i] for i in initial_ids], None, seed=seed * 1000, first=True)
-            say(f"seed {seed}: round 0, {s.initial} labelled, Dice {dice0['dice']:.4f} ({time.perf_counter() - t0:.0f} s)")
+            if round0 is None:
+                state0, info0 = trainer(cfg, [by_id[i] for i in initial_ids], None, seed=seed * 1000, first=True)
+                dice0 = evaluate_dice(_segmenter(cfg, state0, s.samples, s.steps, 0, s.device), test_cases)
+                ustate0 = None
+                if ucfg is not None:
+                    ustate0, _ = trainer(ucfg, [by_id[i] for i in initial_ids], None, seed=seed * 1000, first=True)
+                resume.save(f"seed{seed}-round0", {"learner": state0, "scorer": ustate0 or {}})
+                round0 = {"learner": state0, "scorer": ustate0 or {}}
+                say(f"seed {seed}: round 0, {s.initial} labelled, Dice {dice0['dice']:.4f} ({time.perf_counter() - t0:.0f} s)")
+            else:
+                dice0 = info0 = None
             for strategy in s.strategies:
-                run = {"strategy": strategy, "seed": seed, "rounds": []}
+                done = resume.runs.get((strategy, seed))
+                run = {"strategy": strategy, "seed": seed, "rounds": list(done["rounds"]) if done else []}
                 result["runs"].append(run)
-                labelled_ids, state, ustate = list(initial_ids), state0, ustate0
-                run["rounds"].append({"round": 0, "n_labelled": len(labelled_ids), "labelled": list(labelled_ids),
-                                      "picked": [], **dice0, **info0, "score_s": 0.0})
+                if not run["rounds"]:
+                    if dice0 is None:  # round 0 came from .resume but no run recorded it: evaluate again
+                        dice0 = evaluate_dice(_segmenter(cfg, round0["learner"], s.samples, s.steps, 0, s.device), test_cases)
+                        info0 = {"train_s": None, "train_steps": None, "train_loss": None}
+                    run["rounds"].append({"round": 0, "n_labelled": len(initial_ids), "labelled": list(initial_ids),
+                                          "picked": [], **dice0, **info0, "score_s": 0.0})
+                labelled_ids = list(run["rounds"][-1]["labelled"])
+                first = len(run["rounds"])
+                if _finished(run, s, len(pool_all)):  # finished before
+                    continue
+                last = resume.load(f"{strategy}-seed{seed}") if first > 1 else round0
+                if last is None or (first > 1 and last.get("round") != first - 1):  # models lost: start again
+                    run["rounds"], labelled_ids, first, last = run["rounds"][:1], list(initial_ids), 1, round0
+                state, ustate = last["learner"], last["scorer"] or None
                 _write(out, result)
-                for r in range(1, s.rounds + 1):
+                for r in range(first, s.rounds + 1):
                     pool = [by_id[i] for i in sorted(by_id) if i not in labelled_ids]
                     if not pool:
                         break
                     t0 = time.perf_counter()
-                    scores = None
-                    if strategy == "segdiff_uncertainty":
-                        scores = case_scores(_segmenter(cfg, state, s.samples, s.steps, 0, s.device, s.uncertainty), pool)
+                    scores = features = None
+                    if strategy in ("segdiff_uncertainty", "diverse_uncertainty"):
+                        seg = _segmenter(cfg, state, s.samples, s.steps, 0, s.device, s.uncertainty)
+                        scores = case_scores(seg, pool)
+                        if strategy == "diverse_uncertainty":
+                            features = {it["id"]: seg.features(it["image"]).numpy() for it in pool}
                     elif strategy == "mc_dropout":
                         scores = case_scores(_segmenter(ucfg, ustate, s.mc_samples, None, 0, s.device, s.uncertainty), pool)
                     score_s = time.perf_counter() - t0
                     picked = _pick(strategy, pool, scores, s.per_round, random.Random(seed * 7919 + r),
-                                   s.acquisition, s.power_beta)
+                                   s.acquisition, s.power_beta, classes, features, s.fg_share)
                     labelled_ids += picked
                     train_items = [by_id[i] for i in labelled_ids]
                     state, info = trainer(cfg, train_items, state, seed=seed * 1000 + r)
@@ -383,6 +525,8 @@ def simulate(
                     dice = evaluate_dice(_segmenter(cfg, state, s.samples, s.steps, 0, s.device), test_cases)
                     entry = {"round": r, "n_labelled": len(labelled_ids), "labelled": list(labelled_ids),
                              "picked": picked, **dice, **info, "score_s": score_s}
+                    if classes is not None:
+                        entry["picked_classes"] = [sorted(classes[i]) for i in picked]
                     if scores:
                         entry["pool_scores"] = scores
                         entry["pool_spearman_score_vs_dice"] = metrics.spearman(
@@ -390,12 +534,20 @@ def simulate(
                         entry["picked_dice"] = [scores[i]["dice"] for i in picked]
                         entry["pool_mean_dice"] = float(np.mean([v["dice"] for v in scores.values()]))
                     run["rounds"].append(entry)
+                    resume.save(f"{strategy}-seed{seed}", {"round": r, "learner": state, "scorer": ustate or {}})
+                    _write(out, result)
                     say(f"seed {seed} {strategy}: round {r}, {len(labelled_ids)} labelled, picked {picked}, "
                         f"Dice {dice['dice']:.4f} (scoring {score_s:.0f} s, training {info['train_s']:.0f} s)")
-                    _write(out, result)
     result["seconds"] = time.perf_counter() - t_start
     _write(out, result)
+    shutil.rmtree(resume.dir, ignore_errors=True)  # every run finished: curves.json is all a rerun needs
     return finite(result)
+
+
+def _finished(run: dict, s: SimulationSettings, pool: int) -> bool:
+    """A run has all its rounds, or labelled the whole pool."""
+    rounds = run.get("rounds") or []
+    return bool(rounds) and (len(rounds) > s.rounds or len(rounds[-1]["labelled"]) >= pool)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -405,9 +557,15 @@ def summary_text(result: dict) -> str:
     def f(v, d=3):
         return "-" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
 
+    per_seed = s.get("per_seed", {})
     lines = [f"target (random's final Dice): {f(s['target_dice'], 4)} at {f(s['random_final_n'])} labels",
-             f"{'strategy':<22}{'final Dice':>11}{'AUC':>8}{'labels to target':>18}{'fraction':>10}"]
+             f"{'strategy':<22}{'final Dice':>11}{'AUBC +- SE':>16}{'vs fg_random +- SE':>22}"
+             f"{'labels to target':>18}{'fraction':>10}"]
     for name, e in s["strategies"].items():
-        lines.append(f"{name:<22}{f(e['final_dice'], 4):>11}{f(e['area_under_curve'], 4):>8}"
+        ps = per_seed.get(name, {})
+        a, v = ps.get("aubc", {}), ps.get("vs", {}).get("fg_random")
+        aubc_txt = f"{f(a.get('mean'), 4)} +- {f(a.get('se'), 4)}" if a else "-"
+        vs_txt = f"{v['mean']:+.4f} +- {f(v['se'], 4)}" if v else "-"
+        lines.append(f"{name:<22}{f(e['final_dice'], 4):>11}{aubc_txt:>16}{vs_txt:>22}"
                      f"{f(e['n_to_reach_target']):>18}{f(e['fraction_of_labels']):>10}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from . import al_simulation, click_bench, data, evaluation
+from . import al_simulation, click_bench, data, evaluation, selection
 from .bench import main_bench
 from .bundle import export_bundle
 from .config import (
@@ -418,9 +418,12 @@ def add_al_parser(sub) -> argparse.ArgumentParser:
     """Add ``segdiff al-simulate`` to the ``segdiff`` sub-parsers."""
     a = sub.add_parser("al-simulate", help="simulate active learning on a labelled studies folder")
     a.add_argument("--studies", required=True, help="studies folder where every case is labelled")
-    a.add_argument("--report", required=True, help="output folder (curves.json, curves.png, summary.json)")
-    a.add_argument("--strategies", default="random,segdiff_uncertainty,mc_dropout",
+    a.add_argument("--report", required=True, help="output folder (curves.json, curves.png, summary.json); the "
+                   "same command on the same folder resumes an interrupted run")
+    a.add_argument("--strategies", default=",".join(al_simulation.STRATEGIES),
                    help=f"comma-separated, of {', '.join(al_simulation.STRATEGIES)}")
+    a.add_argument("--fg-share", type=float, default=selection.FG_SHARE,
+                   help="fg_random: share of picks drawn among cases containing foreground")
     a.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-2")
     a.add_argument("--initial", type=int, default=2, help="labelled cases at the start")
     a.add_argument("--per-round", type=int, default=1, help="cases labelled per round")
@@ -460,6 +463,7 @@ def cmd_al_simulate(args: argparse.Namespace) -> int:
         initial_epochs=args.initial_epochs, batch_size=args.batch_size, lr=args.lr, samples=args.samples,
         steps=args.steps, mc_samples=args.mc_samples, mc_channels=args.mc_channels, device=args.device,
         uncertainty=args.uncertainty, acquisition=args.acquisition, power_beta=args.power_beta,
+        fg_share=args.fg_share,
     )
     log, bar = None, None
     if not args.quiet:  # one line per round above a bar over all rounds (each training keeps quiet)

@@ -334,8 +334,25 @@ def al_html(result: Mapping[str, Any]) -> str:
         ),
         "<p class='note'>fraction of labels = labels needed / random's final label count; fraction of added "
         "labels counts only the labels added after the initial set; label saving = 1 - fraction of labels.</p>",
-        "<h2>Curves</h2><img src='curves.png'>",
     ]
+    per_seed = summary.get("per_seed") or {}
+    if per_seed:
+        def diff(e, ref):
+            d = e["vs"].get(ref)
+            return "-" if d is None else (f"{d['mean']:+.4f} +- {_fmt(d['se'], 4)}"
+                                          + (" (> 2 SE)" if d.get("beats_by_2se") else ""))
+
+        seed_rows = [[name, e["aubc"]["mean"], e["aubc"]["se"], diff(e, "fg_random"), diff(e, "random"),
+                      f"{e['n_to_reach_random_final']['reached']}/{len(e['n_to_reach_random_final']['per_seed'])}",
+                      e["n_to_reach_random_final"]["mean"]] for name, e in per_seed.items()]
+        body += [
+            "<h2>Over seeds</h2>",
+            _table(["strategy", "AUBC", "SE", "AUBC - fg_random (paired)", "AUBC - random (paired)",
+                    "seeds reaching random's final Dice", "labels to reach it (mean)"], seed_rows),
+            "<p class='note'>AUBC: area under the budget curve (Dice vs labelled cases) / labelled range, per "
+            "run; SE: standard error over seeds; differences paired by seed.</p>",
+        ]
+    body.append("<h2>Curves</h2><img src='curves.png'>")
     for i, name in enumerate(result.get("curves_per_label", {})):
         body.append(f"<h3>{html.escape(str(name))}</h3><img src='curves_label{i + 1}.png'>")
     return _page("segdiff active-learning simulation", "".join(body))

@@ -11,7 +11,10 @@ Anatomy is defined in world (scanner, RAS) millimetres and sampled through each 
 cases with a flipped (LPS-like) voxel orientation still show the same kind of anatomy in world space.
 Intensities follow either a CT-like profile (Hounsfield units, int16) or an MRI-like profile
 (arbitrary positive values, float32 or int16 with a NIfTI ``scl_slope``). Some cases are deliberately
-hard: low lesion contrast, strong noise, blur, a strong bias field, a small lesion.
+hard: low lesion contrast, strong noise, blur, a strong bias field, a small lesion. Beyond the shipped
+set, ``--outlier-rate`` adds outliers ("corrupt": a failed acquisition, five times the noise and a heavy
+blur, the structures barely visible), for active-learning pools where the most uncertain cases are not the
+most useful ones.
 
 Three simulated annotators (``labels/rater1..3``) disagree smoothly along the boundaries (each one's
 surface is shifted inwards/outwards by up to about a voxel, more for low-contrast lesions); the
@@ -25,6 +28,7 @@ Usage::
     python sample-data/generate_phantoms.py                      # the shipped set (28 cases)
     python sample-data/generate_phantoms.py --output /tmp/ph --count 4
     python sample-data/generate_phantoms.py --output /tmp/hard --seed 2030 --count 300 --hard-rate 0.25
+    python sample-data/generate_phantoms.py --output /tmp/pool --seed 77 --count 160 --outlier-rate 0.05
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ NO_LESION = {3, 10, 17, 24}
 FLIPPED_AXES: dict[int, tuple[int, ...]] = {5: (0, 1), 12: (0, 1), 21: (0, 2)}
 HARD_KINDS = ("low_contrast", "noise", "blur", "bias", "small_lesion")
 HARD_RATE = 0.12  # chance of each hard kind in a case beyond the schedule
+OUTLIER = "corrupt"  # a failed acquisition (only with --outlier-rate, beyond the shipped schedule)
 
 
 @dataclass
@@ -225,11 +230,14 @@ def rater_labels(
 
 
 def make_case(
-    index: int, seed: int = DEFAULT_SEED, hard_rate: float = HARD_RATE
+    index: int, seed: int = DEFAULT_SEED, hard_rate: float = HARD_RATE, outlier_rate: float = 0.0
 ) -> tuple[nib.Nifti1Image, dict[str, nib.Nifti1Image], CaseSpec]:
     """Build the image, the labels (``final`` and each rater) and the spec of case ``index``."""
     rng = np.random.default_rng([seed, index])
     spec = case_spec(index, rng, hard_rate)
+    # decided by its own generator: every other case stays byte-identical whatever the rate
+    if index >= DEFAULT_COUNT and np.random.default_rng([seed, index, 1]).uniform() < outlier_rate:
+        spec.hard = (*spec.hard, OUTLIER)
     affine = case_affine(spec, rng)
     points = world_grid(affine)
     world_centre = affine[:3, :3] @ ((np.asarray(SHAPE) - 1) / 2.0) + affine[:3, 3]
@@ -306,6 +314,8 @@ def make_case(
 
     # acquisition: point spread, bias field, noise
     sigma = (1.6, 1.6, 0.9) if "blur" in spec.hard else (0.5, 0.5, 0.3)
+    if OUTLIER in spec.hard:
+        sigma, noise_sigma = (2.5, 2.5, 1.2), 5.0 * noise_sigma
     image = gaussian_blur(image, sigma)
     bias = random_waves(rng, points, (60.0, 140.0), count=4)
     strong_bias = "bias" in spec.hard
@@ -357,13 +367,14 @@ def save(img: nib.Nifti1Image, path: Path) -> None:
 
 
 def generate(
-    output: Path, count: int = DEFAULT_COUNT, seed: int = DEFAULT_SEED, hard_rate: float = HARD_RATE
+    output: Path, count: int = DEFAULT_COUNT, seed: int = DEFAULT_SEED, hard_rate: float = HARD_RATE,
+    outlier_rate: float = 0.0,
 ) -> list[CaseSpec]:
     """Write ``count`` cases as a MONAI Label studies folder under ``output``."""
     output.mkdir(parents=True, exist_ok=True)
     specs = []
     for index in range(count):
-        image, labels, spec = make_case(index, seed, hard_rate)
+        image, labels, spec = make_case(index, seed, hard_rate, outlier_rate)
         save(image, output / f"{spec.name}.nii.gz")
         for tag, lab in labels.items():
             save(lab, output / "labels" / tag / f"{spec.name}.nii.gz")
@@ -384,8 +395,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hard-rate", type=float, default=HARD_RATE,
                         help="chance of each hard kind in a case beyond the first 28 (more for training sets "
                         "with more hard cases)")
+    parser.add_argument("--outlier-rate", type=float, default=0.0,
+                        help=f"chance of an outlier ({OUTLIER!r}: a failed acquisition) in a case beyond the first 28")
     args = parser.parse_args(argv)
-    generate(args.output, args.count, args.seed, args.hard_rate)
+    generate(args.output, args.count, args.seed, args.hard_rate, args.outlier_rate)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,44 @@ def test_simulation_runs_end_to_end(studies, tmp_path):
     assert not list(out.glob(".work-*"))  # temporary checkpoints removed
 
 
+@pytest.mark.slow
+def test_an_interrupted_simulation_resumes_where_it_stopped(studies, tmp_path):
+    from monai_segdiff.al_simulation import simulate
+
+    s = SimulationSettings(strategies=["random", "fg_random", "diverse_uncertainty"], seeds=[0], initial=2, rounds=2,
+                           test_fraction=0.3, epochs=1, iterations_per_epoch=2, batch_size=4, channels=[8, 16, 16],
+                           spacing=[-1, -1, -1], samples=2, steps=2)
+    out = tmp_path / "al"
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_fg_random(msg: str) -> None:  # the run is killed after fg_random's first round
+        if "fg_random: round 1" in msg:
+            raise Stop
+
+    with pytest.raises(Stop):
+        simulate(studies, s, out, log=stop_in_fg_random)
+    before = {r["strategy"]: r for r in strict_json(out / "curves.json")["runs"]}
+    assert [len(before[n]["rounds"]) for n in ("random", "fg_random")] == [3, 2] and (out / ".resume").is_dir()
+    said: list[str] = []
+    simulate(studies, s, out, log=said.append)
+    # round 0 and random's rounds are not redone; fg_random goes on at round 2, then diverse_uncertainty runs
+    assert [m.split(":")[0] + ":" + m.split(":")[1].split(",")[0] for m in said] == [
+        "seed 0 fg_random: round 2", "seed 0 diverse_uncertainty: round 1", "seed 0 diverse_uncertainty: round 2"]
+    after = {r["strategy"]: r for r in strict_json(out / "curves.json")["runs"]}
+    assert after["random"] == before["random"] and after["fg_random"]["rounds"][:2] == before["fg_random"]["rounds"]
+    assert [x["n_labelled"] for x in after["fg_random"]["rounds"]] == [2, 3, 4]
+    assert after["diverse_uncertainty"]["rounds"][0]["dice"] == before["random"]["rounds"][0]["dice"]
+    assert not (out / ".resume").exists()
+    summary = strict_json(out / "summary.json")["per_seed"]
+    assert set(summary) == {"random", "fg_random", "diverse_uncertainty"} and summary["random"]["aubc"]["n"] == 1
+    assert "Over seeds" in (out / "report.html").read_text()
+    again: list[str] = []
+    simulate(studies, s, out, log=again.append)  # everything finished: nothing is trained again
+    assert again == [] and strict_json(out / "curves.json")["runs"] == list(after.values())
+
+
 def test_power_acquisition_draws_in_proportion_to_score():
     """``power`` picks distinct cases, each with probability ~ score ** beta; a large beta is ``top``."""
     import random as rnd

@@ -46,7 +46,7 @@ def env(tmp_path_factory, start_server):
         shutil.copy(image, studies / image.name)
     shipped = sha256(SHIPPED)
     t0 = time.time()
-    server = start_server(studies, {"max_minutes": "4"}, root / "server.log")
+    server = start_server(studies, {"max_minutes": "2.5"}, root / "server.log")
     TIMINGS["server start until /info answers (s)"] = time.time() - t0
     yield {"server": server, "url": server.url, "studies": studies, "root": root, "shipped": shipped,
            "start_server": start_server}
@@ -188,7 +188,7 @@ def test_auto_segmentation_then_finds_the_structure_on_an_unlabelled_scan(env):
 
 def test_a_restart_keeps_the_label_set_and_the_users_model(env):
     env["server"].stop()
-    server = env["start_server"](env["studies"], {"max_minutes": "4"}, env["root"] / "server2.log")
+    server = env["start_server"](env["studies"], {"max_minutes": "2.5"}, env["root"] / "server2.log")
     env.update(server=server, url=server.url)
     info = client(env).info()
     assert info["labels"] == [NAME, "background"]

@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "clicks")),
     ("networks", ("networks", "losses")),
     ("diffusion", ("diffusion",)),
-    ("uncertainty", ("uncertainty", "metrics", "postprocess", "tta")),
+    ("uncertainty", ("uncertainty", "metrics", "postprocess", "tta", "selection")),
     ("inference", ("segmenter",)),
     ("training", ("ddp", "planning", "interaction", "training", "distributed", "retrain")),
     ("faces", ("cli", "bundle", "report", "evaluation", "al_simulation", "bench", "click_bench", "tracking", "served")),

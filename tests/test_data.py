@@ -274,6 +274,15 @@ def test_phantom_generator_hard_rate_sets_the_share_of_hard_cases() -> None:
     assert all(spec(i, 1.0).hard == gp.HARD_KINDS for i in beyond)
     default = sum(bool(spec(i, gp.HARD_RATE).hard) for i in beyond)
     assert 0 < default < 40
+    # outliers: only beyond the schedule, only with a rate, and every other case stays identical
+    assert gp.OUTLIER not in gp.make_case(1, 7, outlier_rate=1.0)[2].hard
+    plain, corrupt = gp.make_case(30, 7), gp.make_case(30, 7, outlier_rate=1.0)
+    assert corrupt[2].hard == (*plain[2].hard, gp.OUTLIER)
+    assert np.array_equal(np.asanyarray(plain[1]["final"].dataobj), np.asanyarray(corrupt[1]["final"].dataobj))
+    noise = [float(np.std(np.diff(np.asanyarray(c[0].dataobj).astype(float), axis=0))) for c in (plain, corrupt)]
+    assert noise[1] > 2 * noise[0]  # the failed acquisition is far noisier
+    assert np.array_equal(np.asanyarray(gp.make_case(31, 7, outlier_rate=0.0)[0].dataobj),
+                          np.asanyarray(gp.make_case(31, 7)[0].dataobj))
 
 
 def test_sample_data_size_budget() -> None:
