@@ -34,7 +34,7 @@ cases with mean +- std over seeds and min-max bars), ``summary.json`` (label sav
 Label saving: the target is random's final mean Dice; for each strategy the first labelled-case count
 whose mean Dice (over seeds) reaches it, as a fraction of random's final count (``fraction_of_labels``)
 and of the labels added after the initial set (``fraction_of_added_labels``); also per seed (each seed's
-own random run as the target), with mean and standard deviation. Area under the budget curve (AUBC): the
+own random run as the target), with mean and standard error. Area under the budget curve (AUBC): the
 trapezoid area under Dice vs labelled cases divided by the labelled range, per run; reported as the mean
 and standard error over seeds, and as the paired per-seed difference to ``fg_random`` and ``random``.
 
@@ -76,7 +76,6 @@ from .values import finite
 __all__ = ["STRATEGIES", "ACQUISITIONS", "SimulationSettings", "simulate", "label_saving", "summary_text"]
 
 STRATEGIES = ("random", "fg_random", "segdiff_uncertainty", "mc_dropout", "diverse_uncertainty")
-SCORED = ("segdiff_uncertainty", "mc_dropout", "diverse_uncertainty")
 ACQUISITIONS = ("top", "power")
 ALIASES = {"uncertainty": "segdiff_uncertainty", "segdiff": "segdiff_uncertainty", "epistemic": "mc_dropout",
            "mcdropout": "mc_dropout", "mc-dropout": "mc_dropout", "foreground_random": "fg_random",
