@@ -212,33 +212,32 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
     positive thus removes the part of it the ensemble doubted, a foreground click adds the part of a missed
     structure some members drew; voxels every member agreed on are never flipped: the click selects among
     the hypotheses the ensemble drew, it does not invent one. Only where no member drew anything beyond the
-    held voxels and ``image [*spatial]`` is given does the click grow a region of similar intensity
-    (:func:`grow`, in 3D within ``reach``, for slice models too: measured better than in the clicked slice
-    only, BENCHMARKS.md) over the voxels answered otherwise: the ensemble gave no hypothesis there, so the
-    image's is taken. With ``plain [*spatial]`` (the
-    click-free answer) a click on a blob of another class that lies wholly within ``reach`` (a connected
-    component of the plain answer not touching the reach box, except at the image's border) flips the whole
-    blob: a background click inside a small false positive removes it in every slice, a click inside a
-    small hole fills it. Voxels held by other clicks are never flipped. Written here: no MONAI or scipy
-    routine picks components by a seed voxel under a probability gate."""
+    held voxels and ``image [*spatial]`` (one image channel) is given does the click grow a region of
+    similar intensity (:func:`grow`, in 3D within ``reach``, for slice models too: measured better than in
+    the clicked slice only, BENCHMARKS.md) over the voxels answered otherwise: the ensemble gave no
+    hypothesis there, so the image's is taken. With ``plain [*spatial]`` (the click-free answer) a click on
+    a blob of another class that lies wholly within ``reach`` (a connected component of the plain answer
+    not touching the reach box, except at the image's border) flips the whole blob: a background click
+    inside a small false positive removes it in every slice, a click inside a small hole fills it. Voxels
+    held by other clicks are never flipped. Written here: no MONAI or scipy routine picks components by a
+    seed voxel under a probability gate."""
     label, probs = label.clone(), probs.clone()
+    held = torch.zeros(label.shape, dtype=torch.bool) if held is None else held
     for value, p in clicks.points:
         box = tuple(slice(max(0, c - reach), min(s, c + reach + 1)) for c, s in zip(p, label.shape))
         local = tuple(c - b.start for c, b in zip(p, box))
         lab = label[box]
         open_ = (gate[(value, *box)] >= floor) & (lab != value)
-        if held is not None:  # paths run through the held neighbourhoods (already the clicked class)
-            open_ |= held[box] & (lab == value)
+        open_ |= held[box] & (lab == value)  # paths run through the held neighbourhoods (already the clicked class)
         open_[local] = True  # the clicked voxel itself, whatever the members drew
         regions, _ = ndimage.label(open_.numpy())
         if regions[local] == 0:
             continue
         region = torch.from_numpy(regions == regions[local])
         if plain is not None and int(plain[p]) != value:
-            others = held[box] & (lab != value) if held is not None else torch.zeros_like(region)
-            region |= _blob(plain, p, box, local) & ~others  # voxels other clicks hold stay
-        if image is not None and not (region & (lab != value) & ~(held[box] if held is not None else False)).any():
-            region |= torch.from_numpy(grow(image[box].numpy(), local)) & (lab != value)
+            region |= _blob(plain, p, box, local) & ~(held[box] & (lab != value))  # voxels other clicks hold stay
+        if image is not None and not (region & (lab != value) & ~held[box]).any():
+            region |= torch.from_numpy(grow(image[box].numpy(), local)) & (lab != value) & ~held[box]
         lab[region] = value
         pr = probs[(slice(None), *box)]
         pr[:, region] = 0.0

@@ -120,6 +120,7 @@ def test_a_click_where_no_member_drew_anything_grows_by_image_similarity():
     structure = torch.zeros(30, 30, 5, dtype=torch.bool)
     structure[8:16, 8:16, :] = True
     assert out[structure].float().mean() > 0.95 and not out[~structure].any()  # the structure in 3D, nothing else
+    assert torch.equal(follow_clicks(label, probs, probs, Clicks([(1, (11, 11, 2))]), image=image)[0], out)  # held: none
     # without the image (or when members drew a region) nothing is grown
     assert int(follow_clicks(label, probs, probs, Clicks([(1, (11, 11, 2))]), held=held)[0].sum()) == 1
 
