@@ -236,7 +236,9 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
         region = torch.from_numpy(regions == regions[local])
         if plain is not None and int(plain[p]) != value:
             region |= _blob(plain, p, box, local) & ~(held[box] & (lab != value))  # voxels other clicks hold stay
-        if image is not None and not (region & (lab != value) & ~held[box]).any():
+        drawn = region & (lab != value) & ~held[box]
+        drawn[local] = False  # the clicked voxel is the click's, not a member's hypothesis
+        if image is not None and not drawn.any():
             region |= torch.from_numpy(grow(image[box].numpy(), local)) & (lab != value) & ~held[box]
         lab[region] = value
         pr = probs[(slice(None), *box)]
