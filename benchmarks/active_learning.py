@@ -56,10 +56,17 @@ def main() -> int:
            *SIMULATION, *a.extra]
     print(" ".join(cmd), file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True)
-    summary = json.loads((Path(a.report) / "summary.json").read_text())
-    print(f"target: random's final Dice {summary['target_dice']:.4f} at {summary['random_final_n']} labels")
-    print("| strategy | final Dice | AUBC ± SE | vs fg_random (paired) | vs random (paired) | labels to target |")
-    print("|---|---|---|---|---|---|")
+    print(table(json.loads((Path(a.report) / "summary.json").read_text())))
+    return 0
+
+
+def table(summary: dict) -> str:
+    """The markdown table of BENCHMARKS.md from ``summary.json``."""
+    lines = []
+    add = lines.append
+    add(f"target: random's final Dice {summary['target_dice']:.4f} at {summary['random_final_n']} labels")
+    add("| strategy | final Dice | AUBC ± SE | vs fg_random (paired) | vs random (paired) | labels to target |")
+    add("|---|---|---|---|---|---|")
     for name, e in summary["strategies"].items():
         s = summary["per_seed"][name]
 
@@ -71,10 +78,10 @@ def main() -> int:
             return f"{d['mean']:+.4f} ± {se}" + (" **> 2 SE**" if d["beats_by_2se"] else "")
 
         reach = e["n_to_reach_target"]
-        print(f"| {name} | {e['final_dice']:.4f} | {s['aubc']['mean']:.4f} ± {s['aubc']['se'] or 0:.4f} | "
-              f"{vs('fg_random')} | {vs('random')} | "
-              f"{'-' if reach is None else f'{reach} ({e['fraction_of_labels']:.0%})'} |")
-    return 0
+        reached = "-" if reach is None else f"{reach} ({e['fraction_of_labels']:.0%})"
+        add(f"| {name} | {e['final_dice']:.4f} | {s['aubc']['mean']:.4f} ± {s['aubc']['se'] or 0:.4f} | "
+              f"{vs('fg_random')} | {vs('random')} | {reached} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
