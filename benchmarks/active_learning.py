@@ -34,9 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 POOL = ["--seed", "77", "--count", "140", "--outlier-rate", "0.08"]
 SIMULATION = [
-    "--strategies", "random,fg_random,segdiff_uncertainty,mc_dropout,diverse_uncertainty",
-    "--seeds", "0-2", "--initial", "4", "--per-round", "4", "--rounds", "5", "--test-fraction", "0.2",
-    "--channels", "16,32,64", "--spacing", "2,2,4",
+    "--strategies", "random,fg_random,segdiff_uncertainty,diverse_uncertainty",
+    "--seeds", "0-2", "--initial", "4", "--per-round", "4", "--rounds", "3", "--test-fraction", "0.2",
+    "--channels", "16,32,64", "--spacing", "1.5,1.5,3",
     "--initial-epochs", "4", "--epochs", "1", "--iterations-per-epoch", "40", "--batch-size", "8",
     "--samples", "3", "--steps", "2", "--mc-channels", "16,32,64",
 ]

@@ -558,13 +558,13 @@ def summary_text(result: dict) -> str:
 
     per_seed = s.get("per_seed", {})
     lines = [f"target (random's final Dice): {f(s['target_dice'], 4)} at {f(s['random_final_n'])} labels",
-             f"{'strategy':<22}{'final Dice':>11}{'AUBC +- SE':>16}{'vs fg_random +- SE':>22}"
+             f"{'strategy':<22}{'final Dice':>11}{'AUBC +- SE':>18}{'vs fg_random +- SE':>22}"
              f"{'labels to target':>18}{'fraction':>10}"]
     for name, e in s["strategies"].items():
         ps = per_seed.get(name, {})
         a, v = ps.get("aubc", {}), ps.get("vs", {}).get("fg_random")
         aubc_txt = f"{f(a.get('mean'), 4)} +- {f(a.get('se'), 4)}" if a else "-"
         vs_txt = f"{v['mean']:+.4f} +- {f(v['se'], 4)}" if v else "-"
-        lines.append(f"{name:<22}{f(e['final_dice'], 4):>11}{aubc_txt:>16}{vs_txt:>22}"
+        lines.append(f"{name:<22}{f(e['final_dice'], 4):>11}{aubc_txt:>18}{vs_txt:>22}"
                      f"{f(e['n_to_reach_target']):>18}{f(e['fraction_of_labels']):>10}")
     return "\n".join(lines)

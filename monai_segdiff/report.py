@@ -29,7 +29,8 @@ __all__ = [
 ]
 
 LABEL_COLOURS = ["#2ca02c", "#d62728", "#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-STRATEGY_COLOURS = {"random": "#7f7f7f", "segdiff_uncertainty": "#d62728", "mc_dropout": "#1f77b4"}
+STRATEGY_COLOURS = {"random": "#7f7f7f", "fg_random": "#2ca02c", "segdiff_uncertainty": "#d62728",
+                    "mc_dropout": "#1f77b4", "diverse_uncertainty": "#9467bd"}
 
 
 # ----------------------------------------------------------------------------------------- pictures
