@@ -33,6 +33,13 @@ datastore and the app can serve), or as one file per channel with nnU-Net's nami
 The per-channel names are grouped only when ``channels.json`` declares the channels (so numbered single
 images such as ``scan_0001.png`` stay separate cases); every case must then have every channel, and its
 ``image`` is the list of channel files in channel order, which ``LoadImaged`` stacks as channels.
+
+**Partial labels** (annotate only some slices, issue 26): ``labels/<tag>/annotated_slices.json`` records,
+per case id, the slices of the image array that were annotated, ``{"case_a": {"axis": 2, "slices": [12,
+30, 41]}}`` (``axis``: the image array's axis, 0..2, across which the slices lie). The rest of that case's
+label is *unannotated*, not background: training learns only from the recorded slices and from slices
+where the label holds foreground (a structure drawn outside the recorded slices was annotated too).
+:func:`datalist` attaches the record as the item's ``annotated``; a case without a record is annotated whole.
 """
 
 from __future__ import annotations
@@ -40,14 +47,18 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
+from .atomic import atomic_write
 from .errors import DataError
 
 __all__ = [
+    "ANNOTATED_FILE",
     "CHANNELS_FILE",
     "IMAGE_SUFFIXES",
     "DataError",
+    "annotated_slices",
     "case_id",
     "channel_names",
     "datalist",
@@ -57,6 +68,7 @@ __all__ = [
     "labelled",
     "list_images",
     "rater_tags",
+    "record_annotated_slices",
     "split",
     "unlabelled",
 ]
@@ -67,6 +79,7 @@ CHANNELS_FILE = "channels.json"
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: <case>_<4-digit channel>
 NON_RATER_TAGS = (FINAL_TAG, "original")
 _SEGMENTATION_SUFFIX = ".seg.nrrd"
+ANNOTATED_FILE = "annotated_slices.json"  # under labels/<tag>/: the slices of partial labels (module doc)
 
 
 def _studies_dir(studies: str | Path) -> Path:
@@ -218,6 +231,7 @@ def datalist(studies: str | Path, tag: str = FINAL_TAG, with_raters: bool = True
     if not images:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in studies folder: {root}")
     raters = [t for t in rater_tags(root) if t != tag] if with_raters else []
+    partial = annotated_slices(root, tag)
     items = []
     for case, files in _cases(root, images):
         if isinstance(files, list):
@@ -229,12 +243,53 @@ def datalist(studies: str | Path, tag: str = FINAL_TAG, with_raters: bool = True
         label = find_label(root, image, tag)
         if label is not None:
             item["label"] = str(label.resolve())
+            if case in partial:
+                item["annotated"] = partial[case]
         found = [find_label(root, image, t) for t in raters]
         rater_paths = [str(p.resolve()) for p in found if p is not None]
         if rater_paths:
             item["raters"] = rater_paths
         items.append(item)
     return items
+
+
+def _check_annotated(case: str, entry: object) -> dict:
+    """A record's entry as ``{"axis": int, "slices": sorted unique ints}``; ``DataError`` if malformed."""
+    ok = isinstance(entry, dict) and entry.get("axis") in (0, 1, 2) and isinstance(entry.get("slices"), list)
+    slices = entry.get("slices") if ok else None
+    if not ok or not slices or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in slices):
+        raise DataError(f"{ANNOTATED_FILE}: the entry of {case!r} must be {{\"axis\": 0|1|2, \"slices\": "
+                        f"[slice indices >= 0, at least one]}}, got {entry!r}")
+    return {"axis": int(entry["axis"]), "slices": sorted(set(slices))}
+
+
+def annotated_slices(studies: str | Path, tag: str = FINAL_TAG) -> dict[str, dict]:
+    """``{case id: {"axis", "slices"}}`` of the partial labels under ``labels/<tag>/`` (module doc); ``{}``
+    without a record. ``DataError`` for a record that cannot be read or has malformed entries."""
+    path = _studies_dir(studies) / "labels" / tag / ANNOTATED_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path} must hold an object {{case id: {{\"axis\", \"slices\"}}}}")
+    return {str(case): _check_annotated(str(case), entry) for case, entry in raw.items()}
+
+
+def record_annotated_slices(studies: str | Path, case: str, axis: int, slices: Sequence[int] | None,
+                            tag: str = FINAL_TAG) -> dict[str, dict]:
+    """Record (or with ``slices=None`` remove) which slices of ``case``'s label under ``labels/<tag>/``
+    were annotated; written atomically. Returns the whole record."""
+    record = annotated_slices(studies, tag)
+    if slices is None:
+        record.pop(case, None)
+    else:
+        record[case] = _check_annotated(case, {"axis": axis, "slices": [int(i) for i in slices]})
+    path = _studies_dir(studies) / "labels" / tag / ANNOTATED_FILE
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n"))
+    return record
 
 
 def labelled(items: list[dict]) -> list[dict]:

@@ -16,6 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import ResampleToMatch
 from torch import nn
 
+from . import selection
 from . import uncertainty as unc
 from .clicks import Clicks, click_region, follow_clicks, guidance
 from .config import SegDiffConfig, load_checkpoint
@@ -289,6 +290,11 @@ class Segmenter:
             "steps": getattr(self.sampler, "num_evaluations", 1),
             "network": self.cfg.network,
         }
+        if img.ndim == 4:  # a volume: how uncertain each input slice is (partial annotation picks from these)
+            axis, per_slice = selection.input_slice_scores(
+                umap.numpy(), pre.affine.numpy(), img.affine.numpy(), img.shape[1:])
+            stats["slice_scores"] = {"axis": axis, "slices": sorted(per_slice),
+                                     "scores": [per_slice[j] for j in sorted(per_slice)]}
         if clicks or known is not None:
             stats["interaction"] = {
                 "clicks": len(clicks or []),

@@ -20,6 +20,11 @@ hand.
   with k-means on the features (Zhdanov, "Diverse mini-batch Active Learning", 2019); (3) each group gives
   its most uncertain case, so one round never spends its labels on n near-copies of one hard case.
 
+* :func:`input_slice_scores` / :func:`uncertain_slices` -- partial annotation: the mean uncertainty of each
+  slice of a case, on the input image's own slices, and the most uncertain slices at least ``min_gap``
+  apart (neighbouring slices are near copies); :func:`random_slices` and :func:`foreground_slices` are the
+  baselines in the same unit.
+
 Written here: MONAI Label's strategies rank a single score, and no MONAI, scipy or torch routine selects
 by typicality and clusters; the k-means itself is scipy's.
 """
@@ -33,7 +38,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy.cluster.vq import kmeans2
 
-__all__ = ["top_scores", "power_scores", "foreground_random", "typicality", "diverse_top"]
+__all__ = ["top_scores", "power_scores", "foreground_random", "typicality", "diverse_top", "input_slice_scores",
+           "uncertain_slices", "random_slices", "foreground_slices", "slice_axis"]
 
 FG_SHARE = 1.0 / 3.0  # nnActive's "Random 33% FG"
 TYPICAL_NEIGHBOURS = 5  # TypiClust's k (it uses 20 on image-classification pools of thousands)
@@ -108,3 +114,61 @@ def diverse_top(ids: Sequence[str], scores: Mapping[str, float], features: Mappi
     rest = [c for c in candidates if c not in picked]  # an empty group: the next most uncertain case
     picked += rest[: n - len(picked)]
     return top_scores(picked, scores, n)
+
+
+# -- partial annotation: slices of one case -------------------------------------------------------------
+SLICE_GAP = 2  # the picked slices of a case are at least this many input slices apart
+
+
+def slice_axis(affine: np.ndarray) -> int:
+    """The array axis (0..2) of an image with this RAS ``affine`` that runs most nearly along S (foot to
+    head): the axis a slice model cuts across after MONAI's ``Orientationd("RAS")``."""
+    rot = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return int(np.argmax(np.abs(rot[2])))
+
+
+def input_slice_scores(work_map: np.ndarray, work_affine: np.ndarray, input_affine: np.ndarray,
+                       input_shape: Sequence[int]) -> tuple[int, dict[int, float]]:
+    """Per-slice mean of an uncertainty map on the working grid (RAS, resampled; the last axis runs
+    along S), on the input image's slices: ``(axis, {input slice index: score})``. Each working slice goes
+    to the input slice nearest its centre (the one nearest-neighbour resampling copies into it, so a
+    label drawn on that input slice reaches exactly that working slice); several working slices on one
+    input slice keep the highest score."""
+    work = np.asarray(work_map, dtype=np.float64)
+    axis = slice_axis(input_affine)
+    to_input = np.linalg.inv(np.asarray(input_affine, dtype=np.float64)) @ np.asarray(work_affine, dtype=np.float64)
+    cx, cy = (work.shape[0] - 1) / 2, (work.shape[1] - 1) / 2
+    out: dict[int, float] = {}
+    for k in range(work.shape[2]):
+        j = int(np.floor((to_input @ np.array([cx, cy, k, 1.0]))[axis] + 0.5))
+        if 0 <= j < int(input_shape[axis]):
+            out[j] = max(out.get(j, -math.inf), float(work[..., k].mean()))
+    return axis, out
+
+
+def uncertain_slices(scores: Mapping[int, float], n: int, min_gap: int = SLICE_GAP) -> list[int]:
+    """The ``n`` highest-scoring slices (ties: lower index first) whose indices are at least ``min_gap``
+    apart, greedily; fewer when the case has no more such slices. Returned sorted."""
+    picked: list[int] = []
+    for j in sorted(scores, key=lambda i: (-scores[i], i)):
+        if len(picked) >= n:
+            break
+        if all(abs(j - p) >= min_gap for p in picked):
+            picked.append(j)
+    return sorted(picked)
+
+
+def random_slices(candidates: Sequence[int], n: int, rng: random.Random) -> list[int]:
+    """``n`` slices drawn uniformly without replacement among ``candidates``, sorted."""
+    return sorted(rng.sample(sorted(candidates), min(n, len(candidates))))
+
+
+def foreground_slices(candidates: Sequence[int], foreground: set[int], n: int, rng: random.Random,
+                      share: float = FG_SHARE) -> list[int]:
+    """nnActive's foreground-aware random in slices: ``round(share * n)`` (at least one when ``share`` > 0)
+    drawn among the candidate slices holding foreground, the rest uniformly among the others; sorted."""
+    fg = sorted(set(candidates) & set(foreground))
+    k = min(len(fg), max(1 if share > 0 else 0, round(share * n))) if fg else 0
+    picked = rng.sample(fg, k)
+    rest = sorted(set(candidates) - set(picked))
+    return sorted(picked + rng.sample(rest, min(n - k, len(rest))))

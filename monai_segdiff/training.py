@@ -37,7 +37,7 @@ from .planning import (  # noqa: F401  (the planning of a new model, importable 
     image_spacing,
     new_config,
 )
-from .transforms import PatchSampler, apply, preprocess_transforms, to_onehot_scaled
+from .transforms import UNANNOTATED, PatchSampler, apply, preprocess_transforms, to_onehot_scaled
 
 
 @dataclass
@@ -97,7 +97,9 @@ def split_validation(items: Sequence[dict], foreground: Sequence[bool], val_frac
 def load_cases(
     items: Sequence[dict], cfg: SegDiffConfig, use_raters: bool = False, progress: bool = False
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Preprocess labelled cases once: ``[(image [C, ...], labels [R, ...] uint8)]``."""
+    """Preprocess labelled cases once: ``[(image [C, ...], labels [R, ...] uint8)]``. A partial label (the
+    item's ``annotated`` record, ``data.annotated_slices``) holds ``UNANNOTATED`` outside its annotated
+    slices; a 2D model trains only on fully annotated slices (:class:`~monai_segdiff.transforms.PatchSampler`)."""
     out = []
     it = items
     if progress:
@@ -107,8 +109,11 @@ def load_cases(
         data = {"image": item["image"], "label": item["label"]}
         if use_raters:
             data.update({f"rater{i}": p for i, p in enumerate(item.get("raters", []))})
+        partial = bool(item.get("annotated"))
+        if partial:
+            data["annotated"] = item["annotated"]
         try:
-            d = apply(preprocess_transforms(cfg, label_keys=keys), data)
+            d = apply(preprocess_transforms(cfg, label_keys=keys, partial=partial), data)
         except InputError:
             raise
         except Exception as e:
@@ -146,11 +151,15 @@ def validation_dice(net: nn.Module, cfg: SegDiffConfig, cases, num_samples: int 
 
 def pooled_dice(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> float:
     """Dice of ``(prediction, reference)`` label maps pooled per foreground label (summed overlaps /
-    summed sizes), averaged over the labels present in a reference or a prediction; NaN when none is:
+    summed sizes), averaged over the labels present in a reference or a prediction (only where the
+    reference is annotated: ``UNANNOTATED`` voxels of a partial label do not count); NaN when none is:
     an empty prediction of an empty reference is no evidence that a model works, never a score of 1
     (MONAI's ``DiceMetric`` scores per image, where pooling is what keeps selection stable here)."""
     overlap, size = np.zeros(num_classes - 1), np.zeros(num_classes - 1)
     for pred, ref in pairs:
+        annotated = ref != UNANNOTATED  # a partial reference scores only its annotated voxels
+        if not bool(annotated.all()):
+            pred, ref = pred[annotated], ref[annotated]
         for c in range(1, num_classes):
             overlap[c - 1] += float(((pred == c) & (ref == c)).sum())
             size[c - 1] += float((pred == c).sum() + (ref == c).sum())
@@ -276,9 +285,9 @@ class Trainer:
         self.train_cases = load_cases(self.train_items, cfg, use_raters=self.use_raters, progress=self.progress)
         self.val_cases = (load_cases(self.val_items, cfg, progress=self.progress)
                           if self.val_items and ddp.is_main() else [])
-        if not any(bool(lab.any()) for _, lab in self.train_cases):
+        if not any(_has_foreground(lab) for _, lab in self.train_cases):
             raise InputError("every training label is empty (no foreground voxel): nothing to learn")
-        if self.val_cases and not any(bool(lab[:1].any()) for _, lab in self.val_cases):
+        if self.val_cases and not any(_has_foreground(lab[:1]) for _, lab in self.val_cases):
             raise InputError("the validation labels are all empty: no foreground to score the model on")
         self.sampler = PatchSampler(self.train_cases, cfg, seed=self.seed + ddp.rank())  # DDP: other batches per rank
         objective = DiffusionObjective(cfg, weight_fn=_weight_fn(cfg)) if cfg.is_diffusion else None
@@ -304,8 +313,7 @@ class Trainer:
             self.sched.load_state_dict(saved["scheduler"])
             self.ema.load_state_dict(saved["ema"])
         if self.iterations_per_epoch is None:
-            n_slices = (sum(img.shape[-1] if img.ndim == 4 else 1 for img, _ in self.train_cases)
-                        if cfg.spatial_dims == 2 else 8 * len(self.train_cases))
+            n_slices = (self.sampler.num_slices() if cfg.spatial_dims == 2 else 8 * len(self.train_cases))
             self.iterations_per_epoch = int(min(200, max(20, math.ceil(n_slices / self.batch_size))))
         self.gen = torch.Generator().manual_seed(self.seed + ddp.rank())
         if saved is not None and ddp.is_main():  # the state holds rank 0's; other ranks keep their own seeds
@@ -470,6 +478,11 @@ def _ema(decay: float, offset: int = 0):
         return d * averaged + (1 - d) * current
 
     return avg
+
+
+def _has_foreground(labels: torch.Tensor) -> bool:
+    """Does a preprocessed label hold an annotated foreground voxel (``UNANNOTATED`` is none)?"""
+    return bool(((labels > 0) & (labels != UNANNOTATED)).any())
 
 
 def _weight_fn(cfg: SegDiffConfig):

@@ -43,6 +43,66 @@ from .slicer_io import SegNrrdReader
 
 MAX_VOXELS = 2**27  # values of an input file (e.g. 512 x 512 x 512): larger files are refused unread
 MAX_WORKING_VOXELS = 2**26  # voxels x channels after resampling to the model's spacing
+UNANNOTATED = 255  # label value of voxels of a partial label that nobody annotated: never a class, never trained on
+ANNOTATED_MASK = "annotated_mask"  # the key of the annotated-voxel mask while a partial label is preprocessed
+
+
+class AnnotatedMaskd(MapTransform):
+    """For a partial label (``data[info_key] = {"axis", "slices"}``, see ``data.annotated_slices``): add
+    ``data[ANNOTATED_MASK]``, 1 on the recorded slices of the label array and on every slice where the
+    label holds foreground, 0 elsewhere, on the label's grid (it is then oriented and resampled with the
+    label, nearest neighbour). Without a record nothing is added.
+
+    Args:
+        label_key: the label, ``[1, X, Y, Z]`` as loaded (before orientation).
+        info_key: the record of annotated slices in the data dict.
+    """
+
+    def __init__(self, label_key: str = "label", info_key: str = "annotated") -> None:
+        super().__init__([label_key], allow_missing_keys=True)
+        self.label_key, self.info_key = label_key, info_key
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        info = d.get(self.info_key)
+        if not info or self.label_key not in d:
+            return d
+        lab = d[self.label_key]
+        axis = int(info["axis"])
+        if lab.ndim != 4:
+            raise InputError(f"annotated slices need a 3D label; {self.label_key} has shape {tuple(lab.shape[1:])}")
+        n = lab.shape[1 + axis]
+        outside = [i for i in info["slices"] if not 0 <= int(i) < n]
+        if outside:
+            raise InputError(f"annotated slices {outside[:10]} are outside the label's {n} slices along axis {axis}")
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[[int(i) for i in info["slices"]]] = True
+        others = [a for a in range(4) if a != 1 + axis]
+        keep |= (lab.as_tensor() > 0).amax(dim=others).reshape(n).bool()  # a structure drawn anywhere was annotated
+        shape = [1, 1, 1, 1]
+        shape[1 + axis] = n
+        mask = lab.clone()
+        mask[:] = keep.reshape(shape).to(lab.dtype)
+        d[ANNOTATED_MASK] = mask
+        return d
+
+
+class UnannotatedAsIgnored(MapTransform):
+    """After preprocessing: label voxels outside ``data[ANNOTATED_MASK]`` become ``UNANNOTATED``; the mask
+    is removed. Without a mask nothing changes."""
+
+    def __init__(self, label_key: str = "label") -> None:
+        super().__init__([label_key], allow_missing_keys=True)
+        self.label_key = label_key
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        mask = d.pop(ANNOTATED_MASK, None)
+        if mask is not None:
+            lab = d[self.label_key].clone()
+            lab[mask.as_tensor() < 0.5] = UNANNOTATED
+            d[self.label_key] = lab
+        return d
 
 
 class CheckGridd(MapTransform):
@@ -201,19 +261,26 @@ def spatial_transforms(
 
 
 def preprocess_transforms(
-    cfg: SegDiffConfig, label_keys: Sequence[str] = (), load: bool = True, image_dims: int | None = None
+    cfg: SegDiffConfig, label_keys: Sequence[str] = (), load: bool = True, image_dims: int | None = None,
+    partial: bool = False,
 ) -> Compose:
     """Image (and labels) file -> RAS, resampled, normalised MetaTensors ``[C, *spatial]``.
 
     ``image_dims`` (default ``cfg.image_dims``) is the dimensionality of the input: 2D images are
     oriented and resampled in-plane only and kept 2D (no slicing); volumes in 3D.
+
+    ``partial``: the first label key may be a partial label whose record of annotated slices is the data
+    dict's ``annotated``; its unannotated voxels come out as ``UNANNOTATED`` (:class:`AnnotatedMaskd`).
     """
     keys = ["image", *label_keys]
     steps = load_transforms(keys, label_names=cfg.label_names) if load else []
     steps += [CheckFinited(["image"])]
-    spatial = spatial_transforms(cfg, "image", label_keys, image_dims)
+    if partial and label_keys:
+        steps += [AnnotatedMaskd(label_keys[0])]
+    spatial = spatial_transforms(cfg, "image", [*label_keys, *([ANNOTATED_MASK] if partial else [])], image_dims)
     steps += spatial[:1] + [CheckGridd(["image"], cfg.spacing)] + spatial[1:]  # bound before Spacingd
     steps += [CheckLabelsd(label_keys, cfg.num_classes)] if label_keys else []
+    steps += [UnannotatedAsIgnored(label_keys[0])] if partial and label_keys else []
     steps += [intensity_transform(cfg)]
     return Compose(steps)
 
@@ -325,7 +392,8 @@ class PatchSampler:
     of a 2D image (``[C, X, Y]``, no slicing); 3D: a patch of ``roi_size``. A share ``foreground_fraction`` of samples is centred on a voxel of a
     foreground class drawn uniformly among the classes present in the case (as MONAI's
     ``RandCropByLabelClassesd``), so a small class such as a lesion is seen as often as a large
-    organ; the rest anywhere. Each sample is then augmented as ``cfg.augment`` says (random flips of
+    organ; the rest anywhere. A partial label (``UNANNOTATED`` outside its annotated slices) gives only
+    its annotated slices, so nothing unannotated reaches a loss. Each sample is then augmented as ``cfg.augment`` says (random flips of
     image and label along each spatial axis, intensity contrast/scale/shift, Gaussian noise); all
     randomness comes from the sampler's one generator, so ``--resume`` replays it exactly.
 
@@ -344,18 +412,46 @@ class PatchSampler:
         self.flip = "flip" in cfg.augment
         image_aug = [AUGMENTATIONS[name]() for name in cfg.augment if name != "flip"]
         self.image_aug = Compose(image_aug) if image_aug else None
-        # per case, per present foreground class: voxel indices of that class in any label map
-        self.fg = [
-            [idx for c in range(1, cfg.num_classes) if len(idx := torch.nonzero((lab == c).any(0)).numpy())]
-            for _, lab in volumes
-        ]
+        # partial labels: the slices annotated whole, per case (None: the whole case is annotated)
+        self.slices = [self._annotated_slices(img, lab) for img, lab in volumes]
+        self.cases = [i for i, z in enumerate(self.slices) if z is None or len(z)]
+        if not self.cases:
+            raise InputError("no annotated slice to train on: every partial label's annotated slices were lost "
+                             "in resampling, or lie across another axis than the model's slices")
+        # per case, per present foreground class: voxel indices of that class in any label map (annotated slices)
+        self.fg = []
+        for (_, lab), z in zip(volumes, self.slices):
+            found = [torch.nonzero((lab == c).any(0)).numpy() for c in range(1, cfg.num_classes)]
+            if z is not None:
+                found = [idx[np.isin(idx[:, -1], z)] for idx in found]
+            self.fg.append([idx for idx in found if len(idx)])
+
+    def _annotated_slices(self, img: torch.Tensor, lab: torch.Tensor) -> np.ndarray | None:
+        """Indices of the slices without an ``UNANNOTATED`` voxel, or None when the label has none. Only a
+        slice model of volumes can learn from a partial label here (whole annotated slices; a 3D patch
+        would need a masked loss, which is not built)."""
+        unannotated = lab == UNANNOTATED
+        if not bool(unannotated.any()):
+            return None
+        if self.cfg.spatial_dims != 2 or img.ndim != 4:
+            raise InputError("a partial label (annotated slices only) trains a slice model (spatial_dims 2) of "
+                             "volumes; this model is 3D or the images are 2D: annotate the whole case")
+        return torch.nonzero(~unannotated.flatten(0, -2).any(0)).flatten().numpy()
+
+    def num_slices(self) -> int:
+        """Training slices on offer: annotated slices of volumes, one per 2D image."""
+        return sum(len(z) if z is not None else (img.shape[-1] if img.ndim == 4 else 1)
+                   for (img, _), z in zip(self.volumes, self.slices))
 
     def _centre(self, i: int) -> np.ndarray:
         shape = np.array(self.volumes[i][0].shape[1:])
         if self.fg[i] and self.rng.random() < self.cfg.foreground_fraction:
             idx = self.fg[i][self.rng.integers(len(self.fg[i]))]
             return idx[self.rng.integers(len(idx))]
-        return (self.rng.random(len(shape)) * shape).astype(int)
+        centre = (self.rng.random(len(shape)) * shape).astype(int)
+        if self.slices[i] is not None:  # a partial label: an annotated slice
+            centre[-1] = self.slices[i][self.rng.integers(len(self.slices[i]))]
+        return centre
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image [B, C', *roi], label [B, 1, *roi])``."""
@@ -364,7 +460,7 @@ class PatchSampler:
             # MONAI's random transforms draw from their own RandomState: seed it from our generator
             self.image_aug.set_random_state(seed=int(self.rng.integers(2**31)))
         for _ in range(batch_size):
-            i = int(self.rng.integers(len(self.volumes)))
+            i = self.cases[int(self.rng.integers(len(self.cases)))]
             img, lab = self.volumes[i]
             lab = lab[int(self.rng.integers(lab.shape[0]))][None]
             centre = self._centre(i)
