@@ -38,6 +38,15 @@ own random run as the target), with mean and standard error. Area under the budg
 trapezoid area under Dice vs labelled cases divided by the labelled range, per run; reported as the mean
 and standard error over seeds, and as the paired per-seed difference to ``fg_random`` and ``random``.
 
+**Partial annotation** (``unit="slices"``): the annotator labels only ``slices_per_case`` slices of each
+picked case (the rest of its label is unannotated, ``data.annotated_slices``; the learner trains on the
+annotated slices only), and the budget is the number of annotated slices. Every rule picks ``per_round``
+cases and their slices: ``random`` random cases and random slices; ``fg_random`` random cases, a third of
+their slices among those holding foreground (nnActive's baseline in slices); ``segdiff_uncertainty`` the
+cases whose most uncertain slices (``selection.uncertain_slices`` on the prediction's per-slice scores,
+``stats["slice_scores"]``, as the app's ``segdiff_slices`` strategy) are the most uncertain on average,
+and those slices. The initial cases get random slices, the same for every rule of a seed.
+
 A run can be stopped and started again with the same command: finished rounds are read back from
 ``curves.json`` and the models of the last finished round from ``.resume/`` in the report folder.
 """
@@ -64,12 +73,13 @@ from . import metrics
 from . import report as rep
 from . import selection
 from .config import SegDiffConfig, load_checkpoint
-from .io import load_label, write_json
+from .io import load_image, load_label, write_json
 from .labelset import label_names
 from .networks import build_network
 from .planning import new_config
 from .segmenter import Segmenter
 from .training import load_cases, train
+from .transforms import apply, preprocess_transforms
 from .uncertainty import fuse
 from .values import finite
 
@@ -77,6 +87,8 @@ __all__ = ["STRATEGIES", "ACQUISITIONS", "SimulationSettings", "simulate", "labe
 
 STRATEGIES = ("random", "fg_random", "segdiff_uncertainty", "mc_dropout", "diverse_uncertainty")
 ACQUISITIONS = ("top", "power")
+UNITS = ("cases", "slices")
+SLICE_STRATEGIES = ("random", "fg_random", "segdiff_uncertainty")  # the rules with a slice-level form
 ALIASES = {"uncertainty": "segdiff_uncertainty", "segdiff": "segdiff_uncertainty", "epistemic": "mc_dropout",
            "mcdropout": "mc_dropout", "mc-dropout": "mc_dropout", "foreground_random": "fg_random",
            "random_fg": "fg_random", "diverse": "diverse_uncertainty"}
@@ -110,6 +122,10 @@ class SimulationSettings:
             taking only the most extreme ones).
         power_beta: exponent of ``power`` acquisition.
         fg_share: share of ``fg_random``'s picks drawn among cases containing foreground.
+        unit: ``cases`` (whole cases are annotated) or ``slices`` (partial annotation: each picked case
+            has only ``slices_per_case`` of its slices annotated; the budget is counted in annotated slices;
+            see the module doc).
+        slices_per_case: annotated slices per picked case (``unit="slices"``).
         device: torch device.
     """
 
@@ -138,6 +154,8 @@ class SimulationSettings:
     acquisition: str = "top"
     power_beta: float = 1.0
     fg_share: float = selection.FG_SHARE
+    unit: str = "cases"
+    slices_per_case: int = 4
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -158,6 +176,15 @@ class SimulationSettings:
             raise ValueError("give at least one seed")
         if not 0.0 <= self.fg_share <= 1.0:
             raise ValueError(f"fg share must be in [0, 1], got {self.fg_share}")
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
+        if self.unit == "slices":
+            other = [n for n in self.strategies if n not in SLICE_STRATEGIES]
+            if other:
+                raise ValueError(f"with unit slices the strategies are {', '.join(SLICE_STRATEGIES)}; "
+                                 f"not {', '.join(other)}")
+            if self.slices_per_case < 1:
+                raise ValueError("slices per case must be >= 1")
         if self.acquisition not in ACQUISITIONS:
             raise ValueError(f"acquisition must be one of {', '.join(ACQUISITIONS)}, got {self.acquisition!r}")
 
@@ -234,6 +261,9 @@ def case_scores(seg: Segmenter, items: Sequence[dict]) -> dict[str, dict]:
         truth = load_label(item["label"], seg.cfg.label_names)[0].long()
         dice = metrics.dice_per_label(pred.label[0].long(), truth, k)
         out[item["id"]] = {"score": float(pred.stats["case_score"]), "dice": float(np.nanmean(dice))}
+        if "slice_scores" in pred.stats:  # partial annotation ranks these (popped before the round is stored)
+            sl = pred.stats["slice_scores"]
+            out[item["id"]]["slice_scores"] = dict(zip(sl["slices"], sl["scores"]))
     return out
 
 
@@ -350,20 +380,23 @@ def _write(out: Path, result: dict, pictures: bool = True) -> None:
     result["curves"] = c
     labels = result.get("learner", {}).get("labels", [])
     result["curves_per_label"] = {n: curves(result["runs"], result["settings"]["strategies"], n) for n in labels}
-    result["summary"] = label_saving(c, result["settings"]["initial"])
+    st = result["settings"]
+    result["summary"] = label_saving(c, st["initial"] * (st.get("slices_per_case", 1) if st.get("unit") == "slices" else 1))
     result["summary"]["per_seed"] = seed_summary(result["runs"], result["settings"]["strategies"])
     safe = finite(result)
     write_json(safe, out / "curves.json")
     write_json(safe["summary"], out / "summary.json")
     if pictures and c:
         s = result["settings"]
-        title = (f"{s['network']} learner, {s['initial']} initial + {s['per_round']}/round, "
+        unit = ("labelled cases" if s.get("unit", "cases") == "cases"
+                else f"annotated slices ({s['slices_per_case']} per case)")
+        title = (f"{s['network']} learner, {s['initial']} initial + {s['per_round']}/round cases, "
                  f"{len(s['seeds'])} seed(s), test {result['split']['test']} cases")
-        rep.plot_learning_curves(out / "curves.png", c, target=safe["summary"]["target_dice"], title=title)
+        rep.plot_learning_curves(out / "curves.png", c, target=safe["summary"]["target_dice"], title=title, xlabel=unit)
         for i, (name, per_label) in enumerate(result["curves_per_label"].items()):
             if per_label:
                 rep.plot_learning_curves(out / f"curves_label{i + 1}.png", per_label, ylabel=f"test Dice of {name}",
-                                         title=f"{name}: {title}")
+                                         title=f"{name}: {title}", xlabel=unit)
     rep.write_text(rep.al_html(safe), out / "report.html")
 
 
@@ -388,6 +421,47 @@ def label_classes(items: Sequence[dict], label_names: dict[str, int]) -> dict[st
     """``{id: foreground values its label contains}`` (what ``fg_random`` may know, as nnActive's baseline)."""
     return {it["id"]: {int(v) for v in torch.unique(load_label(it["label"], label_names)[0]).tolist() if v > 0}
             for it in items}
+
+
+def slice_candidates(items: Sequence[dict], cfg: SegDiffConfig) -> dict[str, tuple[int, list[int]]]:
+    """``{id: (axis, input slices)}``: the input slices a slice model sees after resampling (the ones
+    ``Segmenter`` scores, ``selection.input_slice_scores``), for the rules without a model."""
+    chain = preprocess_transforms(cfg, load=False, image_dims=3)
+    out = {}
+    for it in items:
+        img = load_image(it["image"])
+        pre = apply(chain, {"image": img.float()})["image"]
+        axis, scores = selection.input_slice_scores(np.zeros(pre.shape[1:]), pre.affine.numpy(), img.affine.numpy(),
+                                                    img.shape[1:])
+        out[it["id"]] = (axis, sorted(scores))
+    return out
+
+
+def foreground_slice_sets(items: Sequence[dict], label_names: dict[str, int],
+                          axes: dict[str, tuple[int, list[int]]]) -> dict[str, set[int]]:
+    """``{id: input slices whose (hidden) label holds foreground}`` along each case's slice axis."""
+    out = {}
+    for it in items:
+        lab = load_label(it["label"], label_names)[0] > 0
+        axis = axes[it["id"]][0]
+        others = tuple(a for a in range(lab.ndim) if a != axis)
+        out[it["id"]] = {int(j) for j in torch.nonzero(lab.amax(dim=others)).flatten().tolist()}
+    return out
+
+
+def _pick_slices(strategy: str, pool_ids: Sequence[str], n: int, k: int, rng: random.Random,
+                 axes: dict[str, tuple[int, list[int]]], foreground: dict[str, set[int]] | None,
+                 slice_scores: dict[str, dict[int, float]] | None, fg_share: float) -> dict[str, list[int]]:
+    """``{case id: slices}`` of one round of partial annotation (module doc)."""
+    ids = sorted(pool_ids)
+    if strategy == "segdiff_uncertainty" and slice_scores:
+        best = {i: selection.case_slices(slice_scores[i], k) for i in ids}
+        return {i: best[i][0] for i in selection.top_scores(ids, {i: b[1] for i, b in best.items()}, n)}
+    picked = rng.sample(ids, min(n, len(ids)))
+    if strategy == "fg_random":
+        return {i: selection.foreground_slices(axes[i][1], (foreground or {}).get(i, set()), k, rng, fg_share)
+                for i in picked}
+    return {i: selection.random_slices(axes[i][1], k, rng) for i in picked}
 
 
 class _Resume:
@@ -447,6 +521,9 @@ def simulate(
     out.mkdir(parents=True, exist_ok=True)
     test_cases = load_cases(test, cfg)
     classes = label_classes(pool_all, cfg.label_names) if "fg_random" in s.strategies else None
+    partial = s.unit == "slices"
+    axes = slice_candidates(pool_all, cfg) if partial else {}
+    fg_slices = foreground_slice_sets(pool_all, cfg.label_names, axes) if partial and classes is not None else None
     result: dict[str, Any] = {
         "studies": str(studies),
         "settings": asdict(s),
@@ -462,6 +539,17 @@ def simulate(
         for seed in s.seeds:
             initial_ids = sorted(random.Random(seed).sample(sorted(it["id"] for it in pool_all), s.initial))
             by_id = {it["id"]: it for it in pool_all}
+            initial_slices = ({i: selection.random_slices(axes[i][1], s.slices_per_case, random.Random(seed * 31 + j))
+                               for j, i in enumerate(initial_ids)} if partial else {})
+
+            def items_of(ids: Sequence[str], annotated: dict[str, list[int]]) -> list[dict]:
+                """The labelled items; with partial annotation, each with its record of annotated slices."""
+                return [dict(by_id[i], annotated={"axis": axes[i][0], "slices": annotated[i]}) if partial
+                        else by_id[i] for i in ids]
+
+            def budget(ids: Sequence[str], annotated: dict[str, list[int]]) -> int:
+                """Labelled cases, or annotated slices."""
+                return sum(len(v) for v in annotated.values()) if partial else len(ids)
             finished = {name: resume.runs[(name, seed)] for name in s.strategies
                         if (name, seed) in resume.runs and _finished(resume.runs[(name, seed)], s, len(pool_all))}
             if len(finished) == len(s.strategies):  # this seed ran before: nothing to train
@@ -471,7 +559,7 @@ def simulate(
             round0 = resume.load(f"seed{seed}-round0")
             t0 = time.perf_counter()
             if round0 is None:
-                state0, info0 = trainer(cfg, [by_id[i] for i in initial_ids], None, seed=seed * 1000, first=True)
+                state0, info0 = trainer(cfg, items_of(initial_ids, initial_slices), None, seed=seed * 1000, first=True)
                 dice0 = evaluate_dice(_segmenter(cfg, state0, s.samples, s.steps, 0, s.device), test_cases)
                 ustate0 = None
                 if ucfg is not None:
@@ -489,15 +577,18 @@ def simulate(
                     if dice0 is None:  # round 0 came from .resume but no run recorded it: evaluate again
                         dice0 = evaluate_dice(_segmenter(cfg, round0["learner"], s.samples, s.steps, 0, s.device), test_cases)
                         info0 = {"train_s": None, "train_steps": None, "train_loss": None}
-                    run["rounds"].append({"round": 0, "n_labelled": len(initial_ids), "labelled": list(initial_ids),
-                                          "picked": [], **dice0, **info0, "score_s": 0.0})
+                    run["rounds"].append({"round": 0, "n_labelled": budget(initial_ids, initial_slices),
+                                          "labelled": list(initial_ids), "picked": [], **dice0, **info0,
+                                          "score_s": 0.0, **({"annotated": initial_slices} if partial else {})})
                 labelled_ids = list(run["rounds"][-1]["labelled"])
+                annotated = {i: list(v) for i, v in (run["rounds"][-1].get("annotated") or {}).items()}
                 first = len(run["rounds"])
                 if _finished(run, s, len(pool_all)):  # finished before
                     continue
                 last = resume.load(f"{strategy}-seed{seed}") if first > 1 else round0
                 if last is None or (first > 1 and last.get("round") != first - 1):  # models lost: start again
                     run["rounds"], labelled_ids, first, last = run["rounds"][:1], list(initial_ids), 1, round0
+                    annotated = {i: list(v) for i, v in initial_slices.items()}
                 state, ustate = last["learner"], last["scorer"] or None
                 _write(out, result)
                 for r in range(first, s.rounds + 1):
@@ -514,16 +605,29 @@ def simulate(
                     elif strategy == "mc_dropout":
                         scores = case_scores(_segmenter(ucfg, ustate, s.mc_samples, None, 0, s.device, s.uncertainty), pool)
                     score_s = time.perf_counter() - t0
-                    picked = _pick(strategy, pool, scores, s.per_round, random.Random(seed * 7919 + r),
-                                   s.acquisition, s.power_beta, classes, features, s.fg_share)
+                    chosen = None
+                    per_slice = {i: v.pop("slice_scores", {}) for i, v in scores.items()} if scores else None
+                    if partial:
+                        chosen = _pick_slices(strategy, [it["id"] for it in pool], s.per_round, s.slices_per_case,
+                                              random.Random(seed * 7919 + r), axes, fg_slices, per_slice, s.fg_share)
+                        picked = list(chosen)
+                        annotated.update(chosen)
+                    else:
+                        picked = _pick(strategy, pool, scores, s.per_round, random.Random(seed * 7919 + r),
+                                       s.acquisition, s.power_beta, classes, features, s.fg_share)
                     labelled_ids += picked
-                    train_items = [by_id[i] for i in labelled_ids]
+                    train_items = items_of(labelled_ids, annotated)
                     state, info = trainer(cfg, train_items, state, seed=seed * 1000 + r)
                     if strategy == "mc_dropout":
                         ustate, _ = trainer(ucfg, train_items, ustate, seed=seed * 1000 + r)
                     dice = evaluate_dice(_segmenter(cfg, state, s.samples, s.steps, 0, s.device), test_cases)
-                    entry = {"round": r, "n_labelled": len(labelled_ids), "labelled": list(labelled_ids),
+                    entry = {"round": r, "n_labelled": budget(labelled_ids, annotated), "labelled": list(labelled_ids),
                              "picked": picked, **dice, **info, "score_s": score_s}
+                    if partial:
+                        entry["annotated"] = {i: list(v) for i, v in annotated.items()}
+                        entry["picked_slices"] = chosen
+                        if fg_slices is not None:
+                            entry["picked_foreground_slices"] = sum(len(set(v) & fg_slices[i]) for i, v in chosen.items())
                     if classes is not None:
                         entry["picked_classes"] = [sorted(classes[i]) for i in picked]
                     if scores:
@@ -535,7 +639,7 @@ def simulate(
                     run["rounds"].append(entry)
                     resume.save(f"{strategy}-seed{seed}", {"round": r, "learner": state, "scorer": ustate or {}})
                     _write(out, result)
-                    say(f"seed {seed} {strategy}: round {r}, {len(labelled_ids)} labelled, picked {picked}, "
+                    say(f"seed {seed} {strategy}: round {r}, {entry['n_labelled']} {s.unit} labelled, picked {picked}, "
                         f"Dice {dice['dice']:.4f} (scoring {score_s:.0f} s, training {info['train_s']:.0f} s)")
     result["seconds"] = time.perf_counter() - t_start
     _write(out, result)

@@ -420,10 +420,14 @@ def add_al_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("--studies", required=True, help="studies folder where every case is labelled")
     a.add_argument("--report", required=True, help="output folder (curves.json, curves.png, summary.json); the "
                    "same command on the same folder resumes an interrupted run")
-    a.add_argument("--strategies", default=",".join(al_simulation.STRATEGIES),
-                   help=f"comma-separated, of {', '.join(al_simulation.STRATEGIES)}")
+    a.add_argument("--strategies", help=f"comma-separated, of {', '.join(al_simulation.STRATEGIES)} (default: all; "
+                   f"with --unit slices all of {', '.join(al_simulation.SLICE_STRATEGIES)})")
     a.add_argument("--fg-share", type=float, default=selection.FG_SHARE,
                    help="fg_random: share of picks drawn among cases containing foreground")
+    a.add_argument("--unit", choices=al_simulation.UNITS, default="cases",
+                   help="what is annotated: whole cases, or slices of each picked case (partial annotation; "
+                   f"strategies {', '.join(al_simulation.SLICE_STRATEGIES)})")
+    a.add_argument("--slices-per-case", type=int, default=4, help="--unit slices: annotated slices per picked case")
     a.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-2")
     a.add_argument("--initial", type=int, default=2, help="labelled cases at the start")
     a.add_argument("--per-round", type=int, default=1, help="cases labelled per round")
@@ -456,14 +460,15 @@ def add_al_parser(sub) -> argparse.ArgumentParser:
 def cmd_al_simulate(args: argparse.Namespace) -> int:
     epochs = args.epochs if args.epochs is not None else (None if args.max_minutes is not None else 2)
     settings = al_simulation.SimulationSettings(
-        strategies=args.strategies.split(","), seeds=_seeds(args.seeds), initial=args.initial,
+        strategies=(args.strategies or ",".join(al_simulation.SLICE_STRATEGIES if args.unit == "slices"
+                                                 else al_simulation.STRATEGIES)).split(","), seeds=_seeds(args.seeds), initial=args.initial,
         per_round=args.per_round, rounds=args.rounds, test_fraction=args.test_fraction, network=args.network,
         channels=args.channels, spacing=args.spacing, roi_size=args.roi_size, epochs=epochs,
         iterations_per_epoch=args.iterations_per_epoch, max_minutes=args.max_minutes,
         initial_epochs=args.initial_epochs, batch_size=args.batch_size, lr=args.lr, samples=args.samples,
         steps=args.steps, mc_samples=args.mc_samples, mc_channels=args.mc_channels, device=args.device,
         uncertainty=args.uncertainty, acquisition=args.acquisition, power_beta=args.power_beta,
-        fg_share=args.fg_share,
+        fg_share=args.fg_share, unit=args.unit, slices_per_case=args.slices_per_case,
     )
     log, bar = None, None
     if not args.quiet:  # one line per round above a bar over all rounds (each training keeps quiet)

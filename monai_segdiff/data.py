@@ -55,6 +55,7 @@ from .errors import DataError
 
 __all__ = [
     "ANNOTATED_FILE",
+    "ANNOTATE_REQUEST",
     "CHANNELS_FILE",
     "IMAGE_SUFFIXES",
     "DataError",
@@ -71,6 +72,7 @@ __all__ = [
     "record_annotated_slices",
     "split",
     "unlabelled",
+    "with_annotated",
 ]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg")
@@ -80,6 +82,7 @@ _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: <ca
 NON_RATER_TAGS = (FINAL_TAG, "original")
 _SEGMENTATION_SUFFIX = ".seg.nrrd"
 ANNOTATED_FILE = "annotated_slices.json"  # under labels/<tag>/: the slices of partial labels (module doc)
+ANNOTATE_REQUEST = "segdiff_annotate"  # an image's datastore info: slices handed out to annotate, not yet submitted
 
 
 def _studies_dir(studies: str | Path) -> Path:
@@ -290,6 +293,14 @@ def record_annotated_slices(studies: str | Path, case: str, axis: int, slices: S
     path = _studies_dir(studies) / "labels" / tag / ANNOTATED_FILE
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n"))
     return record
+
+
+def with_annotated(items: list[dict], studies: str | Path, tag: str = FINAL_TAG) -> list[dict]:
+    """``items`` (e.g. a MONAI Label datastore's datalist, with ``id``) with each labelled item's record of
+    annotated slices attached as :func:`datalist` does."""
+    partial = annotated_slices(studies, tag)
+    return [dict(it, annotated=partial[it["id"]]) if it.get("label") and it.get("id") in partial else it
+            for it in items]
 
 
 def labelled(items: list[dict]) -> list[dict]:

@@ -169,6 +169,7 @@ def plot_learning_curves(
     target: float | None = None,
     title: str = "",
     ylabel: str = "test Dice (mean over labels and cases)",
+    xlabel: str = "labelled cases",
 ) -> Path:
     """Dice vs number of labelled cases per strategy: mean line, shaded mean +- std and min-max dots
     over seeds, and random's final Dice as a dashed line."""
@@ -190,7 +191,7 @@ def plot_learning_curves(
     from matplotlib.ticker import MaxNLocator  # lazy: matplotlib only when pictures are drawn
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("labelled cases")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title or "active-learning simulation")
     ax.grid(alpha=0.3)

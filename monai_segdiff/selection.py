@@ -39,7 +39,7 @@ import numpy as np
 from scipy.cluster.vq import kmeans2
 
 __all__ = ["top_scores", "power_scores", "foreground_random", "typicality", "diverse_top", "input_slice_scores",
-           "uncertain_slices", "random_slices", "foreground_slices", "slice_axis"]
+           "uncertain_slices", "case_slices", "random_slices", "foreground_slices", "slice_axis"]
 
 FG_SHARE = 1.0 / 3.0  # nnActive's "Random 33% FG"
 TYPICAL_NEIGHBOURS = 5  # TypiClust's k (it uses 20 on image-classification pools of thousands)
@@ -156,6 +156,13 @@ def uncertain_slices(scores: Mapping[int, float], n: int, min_gap: int = SLICE_G
         if all(abs(j - p) >= min_gap for p in picked):
             picked.append(j)
     return sorted(picked)
+
+
+def case_slices(scores: Mapping[int, float], n: int, min_gap: int = SLICE_GAP) -> tuple[list[int], float]:
+    """One case's :func:`uncertain_slices` and their mean score (0 without slices): the partial-annotation
+    rules rank cases by that mean and hand out those slices."""
+    picked = uncertain_slices(scores, n, min_gap)
+    return picked, float(np.mean([scores[j] for j in picked])) if picked else 0.0
 
 
 def random_slices(candidates: Sequence[int], n: int, rng: random.Random) -> list[int]:

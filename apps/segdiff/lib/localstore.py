@@ -37,6 +37,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monai_segdiff import labelstore as store
 from monai_segdiff.atomic import atomic_write
 from monai_segdiff.atomic import copy_atomic as _copy_atomic
+from monai_segdiff.data import ANNOTATE_REQUEST, record_annotated_slices
 from monai_segdiff.labelset import LABELS_FILE, LabelSet, extend_label_set
 from monai_segdiff.labelstore import LabelConflict
 from monai_segdiff.slicer_io import is_seg_nrrd
@@ -176,6 +177,13 @@ class SegDiffLocalDatastore(LocalDatastore):
                 if previous and os.path.realpath(previous) != os.path.realpath(dest) and os.path.isfile(previous):
                     os.unlink(previous)  # same id, other format: the new file is the label now (kept above)
                 answer = store.save_answer(labels, mapping, stored, uploaded)
+                request = obj.image.info.get(ANNOTATE_REQUEST) if tag == DefaultLabelTag.FINAL.value else None
+                if isinstance(request, dict):  # handed out by segdiff_slices: a partial label
+                    record_annotated_slices(studies, image_id, request["axis"], request["slices"], tag)
+                    obj.image.info.pop(ANNOTATE_REQUEST)
+                    answer["annotated_slices"] = {
+                        **request, "note": "a partial label: only these slices (and slices where a structure was "
+                        "drawn) are learnt from; the rest of the label counts as unannotated, not background"}
                 label_info.update(ts=int(time.time()), name=name, segdiff=answer)
                 obj.labels[tag] = DataModel(info=label_info, ext=label_ext)
                 self._update_datastore_file(lock=False)

@@ -64,20 +64,22 @@ class UncertaintyStrategy(Strategy):
                 logger.info(f"{client}: all {len(images)} unlabeled image(s) are with other annotators")
                 self._reservations = live
                 return None
-            scores = {}
-            for image_id in candidates:
-                info = datastore.get_image_info(image_id)
-                score = info.get(SCORE_KEY)
-                if isinstance(score, (int, float)):
-                    scores[image_id] = (float(score), info.get(TS_KEY))
-            if scores:
-                image = max(scores, key=lambda i: (scores[i][0], i))
-                how = "highest score"
-            else:
-                image = self._random.choice(sorted(candidates))
-                how = "random (no scores yet)"
+            image, how, answer = self.choose(candidates, datastore)
             live[client] = (image, now)
             self._reservations = live
-        score = scores.get(image, (None, None))
-        logger.info(f"{client}: {image} ({how}; score {score[0]}; {len(taken)} reserved by others)")
-        return {"id": image, SCORE_KEY: score[0], TS_KEY: score[1], "selection": how}
+        logger.info(f"{client}: {image} ({how}; {answer}; {len(taken)} reserved by others)")
+        return {"id": image, **answer, "selection": how}
+
+    def choose(self, candidates: list[str], datastore: Datastore) -> tuple[str, str, dict[str, Any]]:
+        """``(image id, how it was chosen, what the answer carries besides)`` among free ``candidates``:
+        the highest case score (ties: the larger id), or a random image while none is scored."""
+        scores = {}
+        for image_id in candidates:
+            info = datastore.get_image_info(image_id)
+            score = info.get(SCORE_KEY)
+            if isinstance(score, (int, float)):
+                scores[image_id] = (float(score), info.get(TS_KEY))
+        if not scores:
+            return self._random.choice(sorted(candidates)), "random (no scores yet)", {SCORE_KEY: None, TS_KEY: None}
+        image = max(scores, key=lambda i: (scores[i][0], i))
+        return image, "highest score", {SCORE_KEY: scores[image][0], TS_KEY: scores[image][1]}

@@ -19,6 +19,7 @@ network                     the library's (SegDiffConfig)      network when trai
 max_epochs                  10                                 default epochs of the trainer
 max_minutes                 30                                 default time budget of a training run (0: none)
 reserve_minutes             60                                 how long a picked image stays with its annotator
+annotate_slices             4                                  slices per image of the segdiff_slices strategy
 postprocess                 "" (the model's)                   median,confident_component,largest_component,fill_holes | none
 tta_flips                   0 (the model's)                    test-time mirror views per member of interactive infer (1..8)
 ==========================  =================================  ===========================================
@@ -48,7 +49,7 @@ from monai_segdiff.postprocess import parse_postprocess
 from monai_segdiff.retrain import RetrainOptions
 from monai_segdiff.values import flag
 
-from ..activelearning.uncertainty import UncertaintyStrategy
+from ..activelearning import SlicesStrategy, UncertaintyStrategy
 from ..infers.segdiff import SegDiffInfer
 from ..infers.segdiff_clicks import SegDiffClicksInfer
 from ..infers.segdiff_uncertainty import SegDiffUncertaintyInfer
@@ -74,6 +75,7 @@ DEFAULTS: dict[str, str] = {
     "max_epochs": str(RetrainOptions().epochs),  # the library's retraining defaults
     "max_minutes": f"{RetrainOptions().max_minutes:g}",
     "reserve_minutes": "60",
+    "annotate_slices": "4",
     "postprocess": "",
     "tta_flips": "0",
 }
@@ -189,7 +191,12 @@ class SegDiffTaskConfig(TaskConfig):
         )
 
     def strategy(self) -> dict[str, Strategy]:
-        return {f"{self.name}_uncertainty": UncertaintyStrategy(reserve_seconds=60 * self.number("reserve_minutes"))}
+        reserve = 60 * self.number("reserve_minutes")
+        return {
+            f"{self.name}_uncertainty": UncertaintyStrategy(reserve_seconds=reserve),
+            f"{self.name}_slices": SlicesStrategy(slices=max(1, self.number("annotate_slices", int)),
+                                                  reserve_seconds=reserve),
+        }
 
     def scoring_method(self) -> dict[str, ScoringMethod]:
         return {

@@ -1,5 +1,6 @@
 """Scoring method ``segdiff_uncertainty``: a fast ensemble on every unlabeled image whose score is
-stale, writing ``segdiff_uncertainty`` (the library's case score) and ``segdiff_uncertainty_ts`` (the
+stale, writing ``segdiff_uncertainty`` (the library's case score), ``segdiff_slice_scores`` (the mean
+uncertainty of each slice of a volume, for ``segdiff_slices``) and ``segdiff_uncertainty_ts`` (the
 model file's mtime) into the image info. MONAI Label runs it in a subprocess at start-up, after
 training and on ``POST /scoring/segdiff_uncertainty``; the active-learning strategy reads the scores.
 
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 SCORE_KEY = "segdiff_uncertainty"
 TS_KEY = "segdiff_uncertainty_ts"
+SLICES_KEY = "segdiff_slice_scores"  # per input slice: {"axis", "slices", "scores"} (partial annotation)
 
 
 class UncertaintyScoring(ScoringMethod):
@@ -101,9 +103,11 @@ class UncertaintyScoring(ScoringMethod):
                 try:
                     pred = seg(datastore.get_image_uri(image_id))
                     info[SCORE_KEY] = float(pred.stats["case_score"])
+                    if "slice_scores" in pred.stats:
+                        info[SLICES_KEY] = pred.stats["slice_scores"]
                     scored[image_id] = info[SCORE_KEY]
                 except InputError as e:  # unreadable image: remember, do not retry until the model changes
-                    info[SCORE_KEY] = None
+                    info[SCORE_KEY] = info[SLICES_KEY] = None
                     failed[image_id] = str(e)
                     logger.warning(f"segdiff_uncertainty: {image_id}: {e}")
                 datastore.refresh()  # pick up what the server wrote meanwhile before writing our copy

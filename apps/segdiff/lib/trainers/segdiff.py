@@ -120,6 +120,8 @@ class SegDiffTrain(TrainTask):
         device = str(name_to_device(req.get("device") or self.device))
         items = [dict(d, id=sd_data.image_id(d["image"])) for d in datastore.datalist()]
         try:
+            if os.path.isdir(self.studies or ""):  # partial labels (segdiff_slices): their annotated slices
+                items = sd_data.with_annotated(items, self.studies)
             options = RetrainOptions.from_request(req, self.defaults)
             ranks = distributed.rank_devices(strtobool(req.get("multi_gpu")), req.get("gpus"), device)
             labels = studies_label_names(self.studies if os.path.isdir(self.studies or "") else os.devnull, items)
@@ -134,6 +136,7 @@ class SegDiffTrain(TrainTask):
             "baseline_metric": run.baseline, "published": False, "init": run.start.init,
             "init_reason": run.start.reason, "network": run.start.config.network, "labels": run.start.config.labels,
             "train_cases": len(run.train_items), "val_cases": len(run.val_items), "world_size": len(ranks),
+            "partial_cases": sum(1 for it in run.train_items + run.val_items if it.get("annotated")),
             "model": self.model_path, "request": {k: req.get(k) for k in self.config()},
         }
         self._write({**base, "current_time": _hms(0)})
