@@ -141,10 +141,35 @@ def submitted(env) -> dict:
     return step(env, "submitted", run)
 
 
+def partial(env) -> dict:
+    """Annotator p asks ``segdiff_slices`` for the next sample and labels only the slices it names."""
+    def run():
+        picked(env)
+        c = client(env, "annotator-p")
+        sample = c.next_sample("segdiff_slices", {})
+        image_id = sample["id"]
+        info = datastore_objects(env)[image_id]["image"]["info"]
+        truth = np.asarray(load(PHANTOMS / "labels" / "final" / f"{image_id}.nii.gz").dataobj).astype(np.uint8)
+        drawn = np.zeros_like(truth)
+        ann = sample.get("annotate") or {}
+        for j in ann.get("slices", []):  # what the annotator paints: the named slices, nothing else
+            idx = [slice(None)] * 3
+            idx[ann["axis"]] = j
+            drawn[tuple(idx)] = truth[tuple(idx)]
+        path = env["root"] / f"{image_id}_partial.nii.gz"
+        nib.save(nib.Nifti1Image(drawn, load(image_path(env, image_id)).affine), str(path))
+        label_info = [{"name": "organ", "idx": 1}, {"name": "lesion", "idx": 2}]
+        answer = c.save_label(image_id, str(path), params={"label_info": label_info})
+        return {"id": image_id, "sample": sample, "info": info, "drawn": drawn, "answer": answer}
+
+    return step(env, "partial", run)
+
+
 def trained(env) -> dict:
-    """Train with Slicer's parameters (1 epoch) after the submitted label."""
+    """Train with Slicer's parameters (1 epoch) after the submitted labels (one whole, one partial)."""
     def run():
         submitted(env)
+        partial(env)
         c = client(env, "annotator-a")
         params = slicer_params(c.info(), "train", "segdiff_train")
         out = {"params": dict(params), "old_ts": os.stat(env["model"]).st_mtime}
@@ -187,6 +212,7 @@ def test_info_lists_models_for_slicer(env):
                 if isinstance(v, list):
                     assert v and all(isinstance(x, str) for x in v), (section, v)
     assert list(info["strategies"])[0] == "segdiff_uncertainty"
+    assert "slices" in info["strategies"]["segdiff_slices"]["description"]
     assert {"random", "first"} <= set(info["strategies"])
     assert "segdiff_uncertainty" in info["scoring"]
     assert "segdiff_train" in info["train_stats"]
@@ -292,6 +318,30 @@ def test_submit_label_maps_segments_by_name(env):
     assert sub["id"] not in unlabeled_scores(env)
 
 
+def test_partial_annotation_of_the_most_uncertain_slices(env):
+    """``segdiff_slices``: the image whose most uncertain slices are most uncertain (from the scoring's
+    per-slice scores), not one another annotator holds, with those slices; the submitted label is recorded
+    as partial (its other slices unannotated, not background) and said so in the answer."""
+    from monai_segdiff import data, selection
+
+    p = partial(env)
+    sample, ann = p["sample"], p["sample"]["annotate"]
+    assert sample["id"] in env["unlabeled"] and sample["id"] not in ids(env), dump(sample)
+    assert sample["selection"] == "most uncertain slices" and ann is not None, dump(sample)
+    per_slice = p["info"]["segdiff_slice_scores"]
+    slices, score = selection.case_slices(dict(zip(per_slice["slices"], per_slice["scores"])), 4)
+    assert ann["axis"] == per_slice["axis"] == 2 and ann["slices"] == slices and len(slices) == 4
+    assert sample["score"] == pytest.approx(score)
+    affine = load(image_path(env, sample["id"])).affine
+    assert ann["positions_mm"] == pytest.approx([float((affine @ [0, 0, j, 1])[2]) for j in slices], abs=0.01)
+    assert p["answer"]["annotated_slices"]["slices"] == slices, dump(p["answer"])
+    assert data.annotated_slices(env["studies"])[sample["id"]] == {"axis": 2, "slices": slices}
+    stored = np.asarray(load(env["studies"] / "labels" / "final" / f"{sample['id']}.nii.gz").dataobj)
+    np.testing.assert_array_equal(stored, p["drawn"])  # the label itself is kept as drawn
+    objs = datastore_objects(env)
+    assert "segdiff_annotate" not in objs[sample["id"]]["image"]["info"]  # the request is answered
+
+
 def test_errors_are_clear_4xx(env):
     url = env["url"]
     r = requests.post(f"{url}/infer/segdiff?image=no_such_image", data={"params": "{}"}, timeout=60)
@@ -313,7 +363,8 @@ def test_train_with_slicer_parameters_publishes_a_better_model(env):
     assert stats["status"] == "DONE" and stats["total_time"] and stats["init"] == "pretrained", dump(stats)
     assert stats["published"] is True, dump(stats)
     assert stats["best_metric"] > stats["baseline_metric"]
-    assert stats["train_cases"] + stats["val_cases"] == 28 - len(env["unlabeled"]) + 1
+    assert stats["train_cases"] + stats["val_cases"] == 28 - len(env["unlabeled"]) + 2
+    assert stats["partial_cases"] == 1, dump(stats)  # annotator p's label, learnt from its slices only
     assert os.stat(env["model"]).st_mtime > t["old_ts"]
     assert stats["model_ts"] == os.stat(env["model"]).st_mtime
     TIMINGS["train: fine-tune seconds inside the task (s)"] = stats["seconds"]
@@ -332,7 +383,7 @@ def test_scores_refreshed_with_the_new_model(env):
     done_at = trained(env)["at"]
     scores = wait_for(lambda: scores_current(env), timeout=300, interval=2, what="rescoring after training")
     TIMINGS[f"rescoring {len(scores)} unlabeled after training (s, from train DONE)"] = time.time() - done_at
-    assert sorted(scores) == sorted(set(env["unlabeled"]) - {submitted(env)["id"]})
+    assert sorted(scores) == sorted(set(env["unlabeled"]) - {submitted(env)["id"], partial(env)["id"]})
     wait_for(lambda: task_idle(env["url"], "scoring"), timeout=60, what="scoring task to finish")
 
 

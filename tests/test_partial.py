@@ -159,3 +159,76 @@ def test_slice_picks_by_hand():
     assert len(picks) == 3 and len(set(picks) & {5, 6}) >= 1
     assert set(foreground_slices(range(20), {5, 6}, 6, random.Random(0), share=1.0)) >= {5, 6}
     assert foreground_slices(range(4), set(), 2, random.Random(0)) == random_slices(range(4), 2, random.Random(0))
+
+
+def test_round_picks_of_partial_annotation_by_hand():
+    """One round of ``al-simulate --unit slices``: the uncertainty rule ranks cases by the mean of their
+    most uncertain slices and hands out those slices; the random rules draw cases, then slices."""
+    from monai_segdiff.al_simulation import _pick_slices
+    from monai_segdiff.selection import case_slices
+
+    scores = {
+        "a": {0: 0.9, 1: 0.9, 2: 0.1, 3: 0.1},  # best two apart: 0 and 2 -> mean 0.5
+        "b": {0: 0.6, 1: 0.1, 2: 0.6, 3: 0.1},  # 0 and 2 -> mean 0.6
+        "c": {0: 0.2, 1: 0.3, 2: 0.2, 3: 0.4},  # 1 and 3 -> mean 0.35
+    }
+    assert case_slices(scores["a"], 2) == ([0, 2], pytest.approx(0.5))
+    assert case_slices({}, 2) == ([], 0.0)
+    axes = {i: (2, [0, 1, 2, 3]) for i in scores}
+    picks = _pick_slices("segdiff_uncertainty", ["c", "a", "b"], 2, 2, random.Random(0), axes, None, scores, 1 / 3)
+    assert picks == {"b": [0, 2], "a": [0, 2]}
+    rng_cases = random.Random(5).sample(["a", "b", "c"], 2)
+    picks = _pick_slices("random", ["c", "b", "a"], 2, 2, random.Random(5), axes, None, None, 1 / 3)
+    assert list(picks) == rng_cases and all(len(v) == 2 and set(v) <= {0, 1, 2, 3} for v in picks.values())
+    fg = {"a": {3}, "b": {3}, "c": {3}}
+    picks = _pick_slices("fg_random", ["a", "b", "c"], 3, 2, random.Random(1), axes, fg, None, 1 / 3)
+    assert set(picks) == {"a", "b", "c"} and all(3 in v and len(v) == 2 for v in picks.values())
+
+
+def test_the_record_reaches_a_monai_label_datalist(tmp_path):
+    """The app's trainer gets MONAI Label's datalist (no ``annotated``): ``with_annotated`` attaches the
+    record to labelled items only."""
+    _case(tmp_path, "a", np.zeros((8, 8, 6)), np.zeros((8, 8, 6)))
+    data.record_annotated_slices(tmp_path, "a", 2, [1, 3])
+    items = [{"id": "a", "image": "a.nii.gz", "label": "la.nii.gz"}, {"id": "b", "image": "b.nii.gz", "label": "lb"},
+             {"id": "a", "image": "a.nii.gz"}]
+    out = data.with_annotated(items, tmp_path)
+    assert out[0]["annotated"] == {"axis": 2, "slices": [1, 3]}
+    assert "annotated" not in out[1] and "annotated" not in out[2]
+    assert "annotated" not in items[0]  # the caller's items are left as they were
+
+
+def test_the_slices_strategy_hands_out_the_most_uncertain_slices_and_shares_reservations(tmp_path):
+    """``segdiff_slices`` on a real MONAI Label datastore: the image whose most uncertain slices are most
+    uncertain, those slices with their S positions, the request kept in the image info; the two
+    strategies never hand one image to two annotators."""
+    from conftest import app_module
+    from monailabel.datastore.local import LocalDatastore
+
+    act = app_module("lib.activelearning")
+    slices_key = app_module("lib.scoring.uncertainty").SLICES_KEY
+    affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    affine[:3, 3] = [0.0, 0.0, -10.0]
+    for name in ("x", "y", "z"):
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 8), np.float32), affine), str(tmp_path / f"{name}.nii.gz"))
+    store = LocalDatastore(str(tmp_path), extensions=["*.nii.gz"], auto_reload=False)
+    shared = act.Reservations(60)
+    s = act.SlicesStrategy(slices=2, reservations=shared, seed=0)
+    u = act.UncertaintyStrategy(reservations=shared)
+    first = s({"client_id": "a"}, store)
+    assert first["annotate"] is None and first["id"] in {"x", "y", "z"}  # no slice scores yet: whole image
+    for name, per_slice in {"x": [0.1, 0.9, 0.1, 0.8, 0.0, 0.0, 0.0, 0.0],  # 1 and 3: 0.85
+                            "y": [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.95],  # 7 and 0: 0.725
+                            "z": [0.0] * 8}.items():
+        store.update_image_info(name, {slices_key: {"axis": 2, "slices": list(range(8)), "scores": per_slice},
+                                       "segdiff_uncertainty": 1.0 if name == "z" else 0.1})
+    got = s({"client_id": "b"}, store)
+    best = "y" if first["id"] == "x" else "x"
+    assert got["id"] == best, got
+    want = [1, 3] if best == "x" else [0, 7]
+    assert got["annotate"]["axis"] == 2 and got["annotate"]["slices"] == want
+    assert got["annotate"]["positions_mm"] == [-10.0 + 2.5 * j for j in want]  # S of the slice centres (RAS = LPS's S)
+    assert store.get_image_info(best)[act.ANNOTATE_KEY] == {"axis": 2, "slices": want}
+    assert u({"client_id": "c"}, store)["id"] not in {first["id"], best}  # shared: a's and b's images are taken
+    assert s({"client_id": "d"}, store) is None  # all three are with annotators a, b, c
+    assert set(s.reserved()) == set(u.reserved()) == {"x", "y", "z"}

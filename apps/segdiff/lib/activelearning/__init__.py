@@ -1,4 +1,4 @@
 from .slices import ANNOTATE_KEY, SlicesStrategy
-from .uncertainty import UncertaintyStrategy
+from .uncertainty import Reservations, UncertaintyStrategy
 
-__all__ = ["ANNOTATE_KEY", "SlicesStrategy", "UncertaintyStrategy"]
+__all__ = ["ANNOTATE_KEY", "Reservations", "SlicesStrategy", "UncertaintyStrategy"]

@@ -23,7 +23,7 @@ from monai_segdiff import selection
 from monai_segdiff.data import ANNOTATE_REQUEST
 
 from ..scoring.uncertainty import SLICES_KEY, TS_KEY
-from .uncertainty import UncertaintyStrategy
+from .uncertainty import Reservations, UncertaintyStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,12 @@ class SlicesStrategy(UncertaintyStrategy):
 
     Args:
         slices: slices to annotate per image (at least ``selection.SLICE_GAP`` apart).
-        reserve_seconds, seed: as :class:`UncertaintyStrategy`.
+        reserve_seconds, seed, reservations: as :class:`UncertaintyStrategy`.
     """
 
-    def __init__(self, slices: int = 4, reserve_seconds: float = 3600.0, seed: int | None = None):
-        super().__init__(reserve_seconds=reserve_seconds, seed=seed)
+    def __init__(self, slices: int = 4, reserve_seconds: float = 3600.0, seed: int | None = None,
+                 reservations: Reservations | None = None):
+        super().__init__(reserve_seconds=reserve_seconds, seed=seed, reservations=reservations)
         self.slices = int(slices)
         self.description = (f"Partial annotation: the {self.slices} most uncertain slices of the image where they "
                             "are most uncertain (only those slices need a label)")

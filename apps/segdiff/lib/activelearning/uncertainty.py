@@ -4,8 +4,9 @@ that is not currently handed to another annotator.
 Every pick is a reservation of that image for the asking ``client_id`` (3D Slicer sends its
 "Client/User-ID" setting) for ``reserve_seconds``; a client holds one reservation at a time, so asking
 again releases (and skips) the previous image. Images reserved by other clients are never returned,
-so two annotators never get the same case at once. Without any score yet (no model, or scoring still
-running) the pick is random among the free images.
+so two annotators never get the same case at once, whichever of the app's strategies they ask (the
+strategies share one :class:`Reservations`). Without any score yet (no model, or scoring still running)
+the pick is random among the free images.
 """
 
 from __future__ import annotations
@@ -24,20 +25,46 @@ from ..scoring.uncertainty import SCORE_KEY, TS_KEY
 logger = logging.getLogger(__name__)
 
 
+class Reservations:
+    """Which client holds which image, and since when; one per app, shared by its strategies.
+
+    Args:
+        seconds: how long an image handed to a client stays reserved for it.
+    """
+
+    def __init__(self, seconds: float = 3600.0):
+        self.seconds = float(seconds)
+        self.lock = threading.Lock()
+        self.by_client: dict[str, tuple[str, float]] = {}  # client_id -> (image_id, time); under ``lock``
+
+    def live(self, now: float) -> dict[str, tuple[str, float]]:
+        """The reservations that have not expired at ``now`` (call with ``lock`` held)."""
+        return {c: r for c, r in self.by_client.items() if now - r[1] < self.seconds}
+
+
 class UncertaintyStrategy(Strategy):
     """Highest case uncertainty first, one annotator per image.
 
     Args:
-        reserve_seconds: how long an image handed to a client stays reserved for it.
+        reserve_seconds: how long an image handed to a client stays reserved for it (ignored when
+            ``reservations`` is given).
         seed: seed of the random fallback (None: system randomness).
+        reservations: the reservations shared with the app's other strategies (None: its own).
     """
 
-    def __init__(self, reserve_seconds: float = 3600.0, seed: int | None = None):
+    def __init__(self, reserve_seconds: float = 3600.0, seed: int | None = None,
+                 reservations: Reservations | None = None):
         super().__init__("Most uncertain unlabeled image (diffusion ensemble), one annotator per image")
-        self.reserve_seconds = float(reserve_seconds)
-        self._reservations: dict[str, tuple[str, float]] = {}  # client_id -> (image_id, time)
-        self._lock = threading.Lock()
+        self.reservations = reservations or Reservations(reserve_seconds)
         self._random = random.Random(seed)
+
+    @property
+    def reserve_seconds(self) -> float:
+        return self.reservations.seconds
+
+    @reserve_seconds.setter
+    def reserve_seconds(self, seconds: float) -> None:
+        self.reservations.seconds = float(seconds)
 
     def info(self) -> dict[str, Any]:
         return {"description": self.description, "reserve_seconds": self.reserve_seconds}
@@ -45,8 +72,8 @@ class UncertaintyStrategy(Strategy):
     def reserved(self, now: float | None = None) -> dict[str, str]:
         """``{image_id: client_id}`` of live reservations."""
         now = time.time() if now is None else now
-        with self._lock:
-            return {img: c for c, (img, t) in self._reservations.items() if now - t < self.reserve_seconds}
+        with self.reservations.lock:
+            return {img: c for c, (img, _) in self.reservations.live(now).items()}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore):
         client = str(request.get("client_id") or "anonymous")
@@ -54,19 +81,20 @@ class UncertaintyStrategy(Strategy):
         if not images:
             return None
         now = time.time()
-        with self._lock:
-            live = {c: r for c, r in self._reservations.items() if now - r[1] < self.reserve_seconds}
+        res = self.reservations
+        with res.lock:
+            live = res.live(now)
             previous = live.pop(client, (None, 0.0))[0]
             taken = {img for img, _ in live.values()}
             free = [i for i in images if i not in taken]
             candidates = [i for i in free if i != previous] or free
             if not candidates:
                 logger.info(f"{client}: all {len(images)} unlabeled image(s) are with other annotators")
-                self._reservations = live
+                res.by_client = live
                 return None
             image, how, answer = self.choose(candidates, datastore)
             live[client] = (image, now)
-            self._reservations = live
+            res.by_client = live
         logger.info(f"{client}: {image} ({how}; {answer}; {len(taken)} reserved by others)")
         return {"id": image, **answer, "selection": how}
 

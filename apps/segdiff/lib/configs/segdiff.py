@@ -49,7 +49,7 @@ from monai_segdiff.postprocess import parse_postprocess
 from monai_segdiff.retrain import RetrainOptions
 from monai_segdiff.values import flag
 
-from ..activelearning import SlicesStrategy, UncertaintyStrategy
+from ..activelearning import Reservations, SlicesStrategy, UncertaintyStrategy
 from ..infers.segdiff import SegDiffInfer
 from ..infers.segdiff_clicks import SegDiffClicksInfer
 from ..infers.segdiff_uncertainty import SegDiffUncertaintyInfer
@@ -191,11 +191,11 @@ class SegDiffTaskConfig(TaskConfig):
         )
 
     def strategy(self) -> dict[str, Strategy]:
-        reserve = 60 * self.number("reserve_minutes")
+        shared = Reservations(60 * self.number("reserve_minutes"))  # one annotator per image, whichever strategy
         return {
-            f"{self.name}_uncertainty": UncertaintyStrategy(reserve_seconds=reserve),
+            f"{self.name}_uncertainty": UncertaintyStrategy(reservations=shared),
             f"{self.name}_slices": SlicesStrategy(slices=max(1, self.number("annotate_slices", int)),
-                                                  reserve_seconds=reserve),
+                                                  reservations=shared),
         }
 
     def scoring_method(self) -> dict[str, ScoringMethod]:
