@@ -7,8 +7,9 @@ Tasks (built in ``lib/configs/segdiff.py`` from the ``--conf`` options listed th
 * infer ``segdiff``: label map + per-label uncertainty statistics; ``segdiff_uncertainty``: the
   "uncertain" segment (or the float map with ``{"output_map": true}``), from the same cached ensemble;
 * train ``segdiff_train``: fine-tune / train on the final labels, publish the best model;
-* scoring ``segdiff_uncertainty``: case scores of unlabeled images for the strategy of the same name,
-  next to MONAI Label's ``random`` and ``first``.
+* scoring ``segdiff_uncertainty``: case and per-slice scores of unlabeled images for the strategies
+  ``segdiff_uncertainty`` (the most uncertain image) and ``segdiff_slices`` (its most uncertain slices, for
+  partial annotation), next to MONAI Label's ``random`` and ``first``.
 """
 
 from __future__ import annotations
