@@ -33,6 +33,13 @@ the most uncertain slices, and those slices).
 
     python benchmarks/active_learning.py --partial --report /tmp/al-report-slices
 
+Its result (BENCHMARKS.md, session 17): with 40 iterations per round the learner did not improve with more
+annotated slices (random 0.381 at 16 slices, 0.359 at 96) and no rule differed beyond noise. Second run,
+written before it: the same with 4x the training per round (``--extra --epochs 4``: 160 iterations), same
+rule; if the learner then improves with slices, its ordering is the one reported as the decision.
+
+    python benchmarks/active_learning.py --partial --report /tmp/al-report-slices-e4 --extra --epochs 4
+
 Prints the summary table used in BENCHMARKS.md; ``curves.json`` / ``curves.png`` / ``report.html`` in the
 report folder.
 """
