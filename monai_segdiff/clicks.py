@@ -185,6 +185,7 @@ def next_click(prediction: torch.Tensor, reference: torch.Tensor) -> tuple[int, 
 REGION_FLOOR = 0.1  # a member share below which the ensemble counts as sure (as the clean-up's candidate floor)
 REGION_REACH = 10  # voxels: how far from its click an ensemble region may be flipped
 GROW_MULTIPLIER = 2.5  # standard deviations of the click's neighbourhood a grown region's intensities keep to
+SPLIT_ATTACHED = True  # a background click on a structure also takes its part that looks like the click (read per call)
 
 
 def grow(image: np.ndarray, seed: Sequence[int], multiplier: float = GROW_MULTIPLIER) -> np.ndarray:
@@ -201,7 +202,7 @@ def grow(image: np.ndarray, seed: Sequence[int], multiplier: float = GROW_MULTIP
 def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, clicks: Clicks,
                   held: torch.Tensor | None = None, floor: float = REGION_FLOOR,
                   reach: int = REGION_REACH, image: torch.Tensor | None = None,
-                  plain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  plain: torch.Tensor | None = None, split_attached: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Carry each click to the region around it that the ensemble left open (working grid, 3D).
 
     ``label [*spatial]``, ``probs [K, *spatial]`` (the answer's class probabilities), ``gate [K, *spatial]``
@@ -218,11 +219,17 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
     hypothesis there, so the image's is taken. With ``plain [*spatial]`` (the click-free answer) a click on
     a blob of another class that lies wholly within ``reach`` (a connected component of the plain answer
     not touching the reach box, except at the image's border) flips the whole blob: a background click
-    inside a small false positive removes it in every slice, a click inside a small hole fills it. Voxels
-    held by other clicks are never flipped. Written here: no MONAI or scipy routine picks components by a
-    seed voxel under a probability gate."""
+    inside a small false positive removes it in every slice, a click inside a small hole fills it. With
+    ``split_attached`` (default ``SPLIT_ATTACHED``), ``plain`` and ``image``, a background click on a voxel
+    the plain answer gave a structure also removes the part of that structure, within ``reach`` and
+    connected to the click, whose intensities are like the click's (:func:`grow` from the click,
+    intersected with the structure): a false positive attached to a true structure (too wide a rim, a
+    leak into a neighbour) is split off along the image's own edge, while the part that looks different
+    from the clicked tissue stays. Voxels held by other clicks are never flipped. Written here: no MONAI or
+    scipy routine picks components by a seed voxel under a probability gate."""
     label, probs = label.clone(), probs.clone()
     held = torch.zeros(label.shape, dtype=torch.bool) if held is None else held
+    split = SPLIT_ATTACHED if split_attached is None else bool(split_attached)
     for value, p in clicks.points:
         box = tuple(slice(max(0, c - reach), min(s, c + reach + 1)) for c, s in zip(p, label.shape))
         local = tuple(c - b.start for c, b in zip(p, box))
@@ -240,11 +247,25 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
         drawn[local] = False  # the clicked voxel is the click's, not a member's hypothesis
         if image is not None and not drawn.any():
             region |= torch.from_numpy(grow(image[box].numpy(), local)) & (lab != value) & ~held[box]
+        if split and value == 0 and image is not None and plain is not None and int(plain[p]) != 0:
+            region |= _attached(image[box].numpy(), local, lab, int(plain[p]), held[box])
         lab[region] = value
         pr = probs[(slice(None), *box)]
         pr[:, region] = 0.0
         pr[value, region] = 1.0
     return label, probs
+
+
+def _attached(image: np.ndarray, local: Sequence[int], lab: torch.Tensor, under: int,
+              held: torch.Tensor) -> torch.Tensor:
+    """The voxels answered ``under`` (in ``lab``, the box's answer) that look like the clicked tissue
+    (:func:`grow` from ``local``) and connect to the click through such voxels or through the background
+    the clicks hold (the click's own neighbourhood is background already); not held voxels."""
+    alike = torch.from_numpy(grow(image, local))
+    path = alike & ((lab == under) | (held & (lab == 0)))
+    path[tuple(local)] = True
+    regions, _ = ndimage.label(path.numpy())
+    return torch.from_numpy(regions == regions[tuple(local)]) & (lab == under) & ~held
 
 
 def _blob(plain: torch.Tensor, point: Sequence[int], box: tuple[slice, ...], local: Sequence[int]) -> torch.Tensor:

@@ -152,6 +152,38 @@ def test_a_click_in_a_small_blob_of_the_plain_answer_flips_the_whole_blob():
     assert out[5, 5, 2] == 1 and int(out[5:9, 5:9, 2:5].sum()) == 1
 
 
+def test_a_background_click_splits_an_attached_false_positive_along_the_image_edge():
+    """The plain answer: a bright organ plus a rim of dark tissue attached to it (no blob: the rim touches
+    a structure larger than the reach); the members doubted only a small patch of the rim around the click
+    (so that patch is what the ensemble's rule removes, and nothing is grown). A background click in the
+    rim takes the dark part the rim holds, and none of the bright organ."""
+    g = torch.Generator().manual_seed(0)
+    image = 0.05 * torch.randn(40, 40, 6, generator=g)
+    image[10:30, 10:30, :] += 1.0  # the organ
+    plain = torch.zeros(40, 40, 6, dtype=torch.long)
+    plain[10:30, 10:30, :] = 1
+    plain[30:34, 12:28, 1:5] = 1  # a false-positive rim on dark tissue, attached to the organ
+    sure = torch.nn.functional.one_hot(plain, 2).movedim(-1, 0).float()
+    sure[:, 31:34, 18:23, 2:5] = torch.tensor([0.4, 0.6])[:, None, None, None]  # the members' doubt
+    held = torch.zeros(40, 40, 6, dtype=torch.bool)
+    held[31:34, 19:22, 3] = True  # the clicked neighbourhood, held as background
+    label = plain.clone()
+    label[held] = 0
+    click = Clicks([(0, (32, 20, 3))])
+    out, out_p = follow_clicks(label, sure, sure, click, held=held, image=image, plain=plain)
+    rim = torch.zeros_like(plain, dtype=torch.bool)
+    rim[30:34, 12:28, 1:5] = True
+    reach = torch.zeros_like(rim)
+    reach[22:40, 10:31, :] = True  # within 10 voxels of the click
+    assert out[rim & reach].float().mean() < 0.05  # the rim within reach is gone, in every slice (but noise outliers)
+    assert torch.equal(out[10:30, 10:30], plain[10:30, 10:30])  # the organ is untouched
+    assert torch.equal(out_p[1][rim & reach] == 0, out[rim & reach] == 0)
+    off, _ = follow_clicks(label, sure, sure, click, held=held, image=image, plain=plain, split_attached=False)
+    assert int(off[rim].sum()) == int(rim.sum()) - 3 * 5 * 3  # without the rule: only the doubted patch
+    # a foreground click never splits; without the plain answer nothing is split either
+    assert torch.equal(follow_clicks(label, sure, sure, click, held=held, image=image)[0], off)
+
+
 def _tiny(network: str = "medsegdiff", click_channels: bool = False) -> tuple[torch.nn.Module, SegDiffConfig]:
     cfg = SegDiffConfig(labels=["a", "b"], network=network, channels=[16, 16, 32], norm_num_groups=8,
                         attention_levels=[False] * 3,
