@@ -186,6 +186,7 @@ REGION_FLOOR = 0.1  # a member share below which the ensemble counts as sure (as
 REGION_REACH = 10  # voxels: how far from its click an ensemble region may be flipped
 GROW_MULTIPLIER = 2.5  # standard deviations of the click's neighbourhood a grown region's intensities keep to
 SPLIT_ATTACHED = True  # a background click on a structure also takes its part that looks like the click (read per call)
+SPLIT_REACH = REGION_REACH  # voxels: how far from its click that part may reach (read per call)
 
 
 def grow(image: np.ndarray, seed: Sequence[int], multiplier: float = GROW_MULTIPLIER) -> np.ndarray:
@@ -202,7 +203,8 @@ def grow(image: np.ndarray, seed: Sequence[int], multiplier: float = GROW_MULTIP
 def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, clicks: Clicks,
                   held: torch.Tensor | None = None, floor: float = REGION_FLOOR,
                   reach: int = REGION_REACH, image: torch.Tensor | None = None,
-                  plain: torch.Tensor | None = None, split_attached: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  plain: torch.Tensor | None = None, split_attached: bool | None = None,
+                  split_reach: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Carry each click to the region around it that the ensemble left open (working grid, 3D).
 
     ``label [*spatial]``, ``probs [K, *spatial]`` (the answer's class probabilities), ``gate [K, *spatial]``
@@ -221,8 +223,8 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
     not touching the reach box, except at the image's border) flips the whole blob: a background click
     inside a small false positive removes it in every slice, a click inside a small hole fills it. With
     ``split_attached`` (default ``SPLIT_ATTACHED``), ``plain`` and ``image``, a background click on a voxel
-    the plain answer gave a structure also removes the part of that structure, within ``reach`` and
-    connected to the click, whose intensities are like the click's (:func:`grow` from the click,
+    the plain answer gave a structure also removes the part of that structure, within ``split_reach``
+    (default ``SPLIT_REACH``) and connected to the click, whose intensities are like the click's (:func:`grow` from the click,
     intersected with the structure): a false positive attached to a true structure (too wide a rim, a
     leak into a neighbour) is split off along the image's own edge, while the part that looks different
     from the clicked tissue stays. Voxels held by other clicks are never flipped. Written here: no MONAI or
@@ -230,6 +232,7 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
     label, probs = label.clone(), probs.clone()
     held = torch.zeros(label.shape, dtype=torch.bool) if held is None else held
     split = SPLIT_ATTACHED if split_attached is None else bool(split_attached)
+    split_reach = SPLIT_REACH if split_reach is None else int(split_reach)
     for value, p in clicks.points:
         box = tuple(slice(max(0, c - reach), min(s, c + reach + 1)) for c, s in zip(p, label.shape))
         local = tuple(c - b.start for c, b in zip(p, box))
@@ -247,12 +250,18 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
         drawn[local] = False  # the clicked voxel is the click's, not a member's hypothesis
         if image is not None and not drawn.any():
             region |= torch.from_numpy(grow(image[box].numpy(), local)) & (lab != value) & ~held[box]
-        if split and value == 0 and image is not None and plain is not None and int(plain[p]) != 0:
-            region |= _attached(image[box].numpy(), local, lab, int(plain[p]), held[box])
         lab[region] = value
         pr = probs[(slice(None), *box)]
         pr[:, region] = 0.0
         pr[value, region] = 1.0
+        if split and value == 0 and image is not None and plain is not None and int(plain[p]) != 0:
+            sbox = tuple(slice(max(0, c - split_reach), min(s, c + split_reach + 1)) for c, s in zip(p, label.shape))
+            cut = _attached(image[sbox].numpy(), tuple(c - b.start for c, b in zip(p, sbox)), label[sbox],
+                            int(plain[p]), held[sbox])
+            label[sbox][cut] = 0  # views (basic slicing): written into label and probs
+            ps = probs[(slice(None), *sbox)]
+            ps[:, cut] = 0.0
+            ps[0, cut] = 1.0
     return label, probs
 
 

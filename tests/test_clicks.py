@@ -180,7 +180,10 @@ def test_a_background_click_splits_an_attached_false_positive_along_the_image_ed
     assert torch.equal(out_p[1][rim & reach] == 0, out[rim & reach] == 0)
     off, _ = follow_clicks(label, sure, sure, click, held=held, image=image, plain=plain, split_attached=False)
     assert int(off[rim].sum()) == int(rim.sum()) - 3 * 5 * 3  # without the rule: only the doubted patch
-    # a foreground click never splits; without the plain answer nothing is split either
+    near, _ = follow_clicks(label, sure, sure, click, held=held, image=image, plain=plain, split_reach=5)
+    assert near[30:34, 12:14, 1:5].all() and near[30:34, 26:28, 1:5].all()  # beyond a reach of 5: kept
+    assert near[30:34, 15:26, 1:5].float().mean() < 0.05
+    # without the plain answer (no Auto Segmentation to compare with) nothing is split
     assert torch.equal(follow_clicks(label, sure, sure, click, held=held, image=image)[0], off)
 
 
