@@ -381,7 +381,8 @@ def _write(out: Path, result: dict, pictures: bool = True) -> None:
     labels = result.get("learner", {}).get("labels", [])
     result["curves_per_label"] = {n: curves(result["runs"], result["settings"]["strategies"], n) for n in labels}
     st = result["settings"]
-    result["summary"] = label_saving(c, st["initial"] * (st.get("slices_per_case", 1) if st.get("unit") == "slices" else 1))
+    per_case = st.get("slices_per_case", 1) if st.get("unit") == "slices" else 1  # the budget's unit per case
+    result["summary"] = label_saving(c, st["initial"] * per_case)
     result["summary"]["per_seed"] = seed_summary(result["runs"], result["settings"]["strategies"])
     safe = finite(result)
     write_json(safe, out / "curves.json")

@@ -459,9 +459,9 @@ def add_al_parser(sub) -> argparse.ArgumentParser:
 
 def cmd_al_simulate(args: argparse.Namespace) -> int:
     epochs = args.epochs if args.epochs is not None else (None if args.max_minutes is not None else 2)
+    default = al_simulation.SLICE_STRATEGIES if args.unit == "slices" else al_simulation.STRATEGIES
     settings = al_simulation.SimulationSettings(
-        strategies=(args.strategies or ",".join(al_simulation.SLICE_STRATEGIES if args.unit == "slices"
-                                                 else al_simulation.STRATEGIES)).split(","), seeds=_seeds(args.seeds), initial=args.initial,
+        strategies=(args.strategies or ",".join(default)).split(","), seeds=_seeds(args.seeds), initial=args.initial,
         per_round=args.per_round, rounds=args.rounds, test_fraction=args.test_fraction, network=args.network,
         channels=args.channels, spacing=args.spacing, roi_size=args.roi_size, epochs=epochs,
         iterations_per_epoch=args.iterations_per_epoch, max_minutes=args.max_minutes,

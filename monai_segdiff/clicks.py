@@ -223,12 +223,13 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
     not touching the reach box, except at the image's border) flips the whole blob: a background click
     inside a small false positive removes it in every slice, a click inside a small hole fills it. With
     ``split_attached`` (default ``SPLIT_ATTACHED``), ``plain`` and ``image``, a background click on a voxel
-    the plain answer gave a structure also removes the part of that structure, within ``split_reach``
-    (default ``SPLIT_REACH``) and connected to the click, whose intensities are like the click's (:func:`grow` from the click,
-    intersected with the structure): a false positive attached to a true structure (too wide a rim, a
-    leak into a neighbour) is split off along the image's own edge, while the part that looks different
-    from the clicked tissue stays. Voxels held by other clicks are never flipped. Written here: no MONAI or
-    scipy routine picks components by a seed voxel under a probability gate."""
+    the plain answer gave a structure also removes the part of that structure within ``split_reach``
+    (default ``SPLIT_REACH``) of the click, connected to it, whose intensities are like the click's
+    (:func:`grow` from the click, intersected with the structure): a false positive attached to a true
+    structure (too wide a rim, a leak into a neighbour) is split off along the image's own edges, while
+    the part that looks different from the clicked tissue stays. Voxels held by other clicks are never
+    flipped. Written here: no MONAI or scipy routine picks components by a seed voxel under a
+    probability gate."""
     label, probs = label.clone(), probs.clone()
     held = torch.zeros(label.shape, dtype=torch.bool) if held is None else held
     split = SPLIT_ATTACHED if split_attached is None else bool(split_attached)

@@ -161,6 +161,40 @@ def test_an_interrupted_simulation_resumes_where_it_stopped(studies, tmp_path):
     assert again == [] and strict_json(out / "curves.json")["runs"] == list(after.values())
 
 
+@pytest.mark.slow
+def test_partial_annotation_simulation_counts_annotated_slices(studies, tmp_path):
+    """``al-simulate --unit slices``: each picked case gets ``--slices-per-case`` annotated slices, the budget
+    counts them, the learner trains on them, and the uncertainty rule hands out uncertain slices."""
+    out = tmp_path / "al"
+    parser = argparse.ArgumentParser(prog="segdiff")
+    add_al_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([
+        "al-simulate", "--studies", str(studies), "--report", str(out), "--strategies", "random,segdiff_uncertainty",
+        "--unit", "slices", "--slices-per-case", "3", "--seeds", "0", "--initial", "2", "--rounds", "1",
+        "--test-fraction", "0.3", "--epochs", "1", "--iterations-per-epoch", "2", "--batch-size", "4",
+        "--channels", "8,16,16", "--spacing=-1,-1,-1", "--samples", "2", "--steps", "2", "--quiet",
+    ])
+    assert cmd_al_simulate(args) == 0
+    result = strict_json(out / "curves.json")
+    assert result["settings"]["unit"] == "slices"
+    runs = {r["strategy"]: r for r in result["runs"]}
+    for r in runs.values():
+        first, last = r["rounds"]
+        assert [first["n_labelled"], last["n_labelled"]] == [6, 9]  # 2 cases x 3 slices, then one more case
+        assert last["annotated"] == {**first["annotated"], **last["picked_slices"]} and len(last["annotated"]) == 3
+        for slices in last["annotated"].values():
+            assert len(set(slices)) == 3 and slices == sorted(slices)
+        assert last["train_steps"] > 0 and 0.0 <= last["dice"] <= 1.0
+    assert runs["random"]["rounds"][0] == runs["segdiff_uncertainty"]["rounds"][0]  # same start, same slices
+    picked = runs["segdiff_uncertainty"]["rounds"][1]["picked_slices"]
+    (slices,) = picked.values()
+    assert all(b - a >= 2 for a, b in zip(slices, slices[1:]))  # uncertain slices keep SLICE_GAP apart
+    assert "slice_scores" not in str(runs["segdiff_uncertainty"]["rounds"][1]["pool_scores"])  # not stored
+    assert strict_json(out / "summary.json")["random_final_n"] == 9
+    with pytest.raises(ValueError, match="with unit slices"):
+        SimulationSettings(strategies=["mc_dropout"], unit="slices")
+
+
 def test_power_acquisition_draws_in_proportion_to_score():
     """``power`` picks distinct cases, each with probability ~ score ** beta; a large beta is ``top``."""
     import random as rnd
