@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import nibabel as nib
 import numpy as np
@@ -228,7 +229,27 @@ def test_the_slices_strategy_hands_out_the_most_uncertain_slices_and_shares_rese
     want = [1, 3] if best == "x" else [0, 7]
     assert got["annotate"]["axis"] == 2 and got["annotate"]["slices"] == want
     assert got["annotate"]["positions_mm"] == [-10.0 + 2.5 * j for j in want]  # S of the slice centres (RAS = LPS's S)
-    assert store.get_image_info(best)[act.ANNOTATE_KEY] == {"axis": 2, "slices": want}
+    request = store.get_image_info(best)[act.ANNOTATE_KEY]
+    assert {k: request[k] for k in ("axis", "slices")} == {"axis": 2, "slices": want} and request["until"] > time.time()
     assert u({"client_id": "c"}, store)["id"] not in {first["id"], best}  # shared: a's and b's images are taken
     assert s({"client_id": "d"}, store) is None  # all three are with annotators a, b, c
     assert set(s.reserved()) == set(u.reserved()) == {"x", "y", "z"}
+    # b asks the whole-image strategy next: b's image is released, and what u hands out carries no request
+    whole = u({"client_id": "b"}, store)["id"]
+    assert whole == best and not store.get_image_info(best).get(act.ANNOTATE_KEY)
+
+
+def test_a_label_is_partial_only_while_its_request_is_live(tmp_path):
+    """What the app's datastore records when a final label is submitted: the slices of a live
+    ``segdiff_slices`` request; an expired request is ignored; an earlier record stays (and is said)."""
+    from conftest import app_module
+
+    partial = app_module("lib.localstore").SegDiffLocalDatastore._partial
+    _case(tmp_path, "a", np.zeros((8, 8, 6)), np.zeros((8, 8, 6)))
+    assert partial(str(tmp_path), "a", {"axis": 2, "slices": [1, 3], "until": time.time() - 1}) is None
+    assert partial(str(tmp_path), "a", None) is None and data.annotated_slices(tmp_path) == {}
+    got = partial(str(tmp_path), "a", {"axis": 2, "slices": [1, 3], "until": time.time() + 60})
+    assert got["slices"] == [1, 3] and "unannotated" in got["note"]
+    assert data.annotated_slices(tmp_path) == {"a": {"axis": 2, "slices": [1, 3]}}
+    again = partial(str(tmp_path), "a", None)  # resubmitted later without a request: still partial, and said so
+    assert again["slices"] == [1, 3] and "recorded earlier" in again["note"]

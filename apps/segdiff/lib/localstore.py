@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monai_segdiff import labelstore as store
 from monai_segdiff.atomic import atomic_write
 from monai_segdiff.atomic import copy_atomic as _copy_atomic
-from monai_segdiff.data import ANNOTATE_REQUEST, record_annotated_slices
+from monai_segdiff.data import ANNOTATE_REQUEST, ANNOTATED_FILE, annotated_slices, record_annotated_slices
 from monai_segdiff.labelset import LABELS_FILE, LabelSet, extend_label_set
 from monai_segdiff.labelstore import LabelConflict
 from monai_segdiff.slicer_io import is_seg_nrrd
@@ -177,13 +178,10 @@ class SegDiffLocalDatastore(LocalDatastore):
                 if previous and os.path.realpath(previous) != os.path.realpath(dest) and os.path.isfile(previous):
                     os.unlink(previous)  # same id, other format: the new file is the label now (kept above)
                 answer = store.save_answer(labels, mapping, stored, uploaded)
-                request = obj.image.info.get(ANNOTATE_REQUEST) if tag == DefaultLabelTag.FINAL.value else None
-                if isinstance(request, dict):  # handed out by segdiff_slices: a partial label
-                    record_annotated_slices(studies, image_id, request["axis"], request["slices"], tag)
-                    obj.image.info.pop(ANNOTATE_REQUEST)
-                    answer["annotated_slices"] = {
-                        **request, "note": "a partial label: only these slices (and slices where a structure was "
-                        "drawn) are learnt from; the rest of the label counts as unannotated, not background"}
+                if tag == DefaultLabelTag.FINAL.value:
+                    partial = self._partial(studies, image_id, obj.image.info.pop(ANNOTATE_REQUEST, None))
+                    if partial:
+                        answer["annotated_slices"] = partial
                 label_info.update(ts=int(time.time()), name=name, segdiff=answer)
                 obj.labels[tag] = DataModel(info=label_info, ext=label_ext)
                 self._update_datastore_file(lock=False)
@@ -193,6 +191,23 @@ class SegDiffLocalDatastore(LocalDatastore):
             raise HTTPException(422, str(e)) from None
         logger.info(f"Saved {tag} label of {image_id} => {dest} ({answer})")
         return image_id
+
+    @staticmethod
+    def _partial(studies: str, image_id: str, request) -> dict | None:
+        """A final label submitted while ``segdiff_slices``'s request for it is live is a partial label: its
+        slices are recorded (``annotated_slices.json``). Without a live request an earlier record stays
+        (a resubmitted partial label must not turn its unannotated slices into background); the answer
+        says so either way."""
+        note = ("a partial label: only these slices (and slices where a structure was drawn) are learnt from; "
+                "the rest of the label counts as unannotated, not background")
+        if isinstance(request, dict) and float(request.get("until", math.inf)) >= time.time():
+            record_annotated_slices(studies, image_id, request["axis"], request["slices"])
+            return {"axis": request["axis"], "slices": request["slices"], "note": note}
+        earlier = annotated_slices(studies).get(image_id)
+        if earlier:
+            return {**earlier, "note": note + f" (recorded earlier; to count this label whole, remove {image_id!r} "
+                    f"from labels/final/{ANNOTATED_FILE})"}
+        return None
 
     def _final_labels(self) -> list[str]:
         """The stored final label files."""

@@ -4,8 +4,8 @@ most uncertain, handed out with those slices to annotate (one annotator per imag
 
 The answer carries ``annotate``: the image array's ``axis`` the slices lie across (the axial one for a
 slice model), their indices and, for 3D Slicer's slice views, their positions along S in millimetres. The
-request is kept in the image info (``segdiff_annotate``); when the annotator's label is submitted the
-datastore records those slices as the annotated ones (``monai_segdiff.data.annotated_slices``): the rest
+request is kept in the image info (``segdiff_annotate``, live as long as the reservation); when a label
+for the image is submitted while it is live, the datastore records those slices as the annotated ones (``monai_segdiff.data.annotated_slices``): the rest
 of that label counts as unannotated, not as background, and training learns from the annotated slices
 only (and from any slice where a structure was drawn).
 """
@@ -13,6 +13,7 @@ only (and from any slice where a structure was drawn).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -57,12 +58,13 @@ class SlicesStrategy(UncertaintyStrategy):
                 scores = dict(zip((int(j) for j in per_slice["slices"]), (float(v) for v in per_slice["scores"])))
                 ranked[image_id] = (*selection.case_slices(scores, self.slices), int(per_slice["axis"]), info.get(TS_KEY))
         if not ranked:
-            image = self._random.choice(sorted(candidates))
+            image = self.whole(self._random.choice(sorted(candidates)), datastore)
             return image, "random (no slice scores yet: annotate the whole image)", {"annotate": None}
         image = max(ranked, key=lambda i: (ranked[i][1], i))
         slices, score, axis, ts = ranked[image]
         annotate = {"axis": axis, "slices": slices, "positions_mm": _positions(datastore, image, axis, slices)}
-        datastore.update_image_info(image, {ANNOTATE_KEY: {"axis": axis, "slices": slices}})
+        request = {"axis": axis, "slices": slices, "until": time.time() + self.reserve_seconds}  # as the reservation
+        datastore.update_image_info(image, {ANNOTATE_KEY: request})
         return image, "most uncertain slices", {"annotate": annotate, "score": score, TS_KEY: ts}
 
 

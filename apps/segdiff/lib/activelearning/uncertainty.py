@@ -20,6 +20,8 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from monai_segdiff.data import ANNOTATE_REQUEST
+
 from ..scoring.uncertainty import SCORE_KEY, TS_KEY
 
 logger = logging.getLogger(__name__)
@@ -108,6 +110,17 @@ class UncertaintyStrategy(Strategy):
             if isinstance(score, (int, float)):
                 scores[image_id] = (float(score), info.get(TS_KEY))
         if not scores:
-            return self._random.choice(sorted(candidates)), "random (no scores yet)", {SCORE_KEY: None, TS_KEY: None}
-        image = max(scores, key=lambda i: (scores[i][0], i))
-        return image, "highest score", {SCORE_KEY: scores[image][0], TS_KEY: scores[image][1]}
+            image, how, answer = self._random.choice(sorted(candidates)), "random (no scores yet)", {SCORE_KEY: None,
+                                                                                                    TS_KEY: None}
+        else:
+            image = max(scores, key=lambda i: (scores[i][0], i))
+            how, answer = "highest score", {SCORE_KEY: scores[image][0], TS_KEY: scores[image][1]}
+        return self.whole(image, datastore), how, answer
+
+    @staticmethod
+    def whole(image: str, datastore: Datastore) -> str:
+        """``image``, handed out to label whole: a pending ``segdiff_slices`` request for it is withdrawn (its
+        next label is not a partial one)."""
+        if datastore.get_image_info(image).get(ANNOTATE_REQUEST):
+            datastore.update_image_info(image, {ANNOTATE_REQUEST: None})
+        return image
