@@ -253,3 +253,22 @@ def test_a_label_is_partial_only_while_its_request_is_live(tmp_path):
     assert data.annotated_slices(tmp_path) == {"a": {"axis": 2, "slices": [1, 3]}}
     again = partial(str(tmp_path), "a", None)  # resubmitted later without a request: still partial, and said so
     assert again["slices"] == [1, 3] and "recorded earlier" in again["note"]
+
+
+def test_slice_positions_follow_the_header_of_a_permuted_flipped_scan(tmp_path):
+    """Real scans come in any orientation: with S on the array's first axis, running head to foot, the S
+    position Slicer shows for each handed-out slice is the header's (as nibabel computes it)."""
+    from conftest import app_module
+
+    positions = app_module("lib.activelearning.slices")._positions
+    affine = np.array([[0, 0, -0.8, 40.0], [0, 0.8, 0, -12.0], [-2.5, 0, 0, 95.0], [0, 0, 0, 1]])  # S = 95 - 2.5 i
+    nib.save(nib.Nifti1Image(np.zeros((12, 10, 9), np.float32), affine), str(tmp_path / "scan.nii.gz"))
+    assert slice_axis(affine) == 0
+
+    class Store:
+        def get_image_uri(self, image_id):
+            return str(tmp_path / f"{image_id}.nii.gz")
+
+    got = positions(Store(), "scan", 0, [0, 4, 11])
+    want = [float((affine @ [j, 4.5, 4, 1])[2]) for j in (0, 4, 11)]
+    assert got == pytest.approx(want, abs=0.01) and got[0] > got[-1]
