@@ -185,7 +185,10 @@ def next_click(prediction: torch.Tensor, reference: torch.Tensor) -> tuple[int, 
 REGION_FLOOR = 0.1  # a member share below which the ensemble counts as sure (as the clean-up's candidate floor)
 REGION_REACH = 10  # voxels: how far from its click an ensemble region may be flipped
 GROW_MULTIPLIER = 2.5  # standard deviations of the click's neighbourhood a grown region's intensities keep to
-SPLIT_ATTACHED = True  # a background click on a structure also takes its part that looks like the click (read per call)
+# a background click on a structure also takes its part that looks like the click (read per call): off, as
+# measured (BENCHMARKS.md, session 17: +0.12 Dice after 3 clicks on the phantoms and +0.023 after 10 on the
+# real CT, but -0.021 after 10 on the phantoms, against a rule written before the run)
+SPLIT_ATTACHED = False
 SPLIT_REACH = REGION_REACH  # voxels: how far from its click that part may reach (read per call)
 
 

@@ -156,7 +156,7 @@ def test_a_background_click_splits_an_attached_false_positive_along_the_image_ed
     """The plain answer: a bright organ plus a rim of dark tissue attached to it (no blob: the rim touches
     a structure larger than the reach); the members doubted only a small patch of the rim around the click
     (so that patch is what the ensemble's rule removes, and nothing is grown). A background click in the
-    rim takes the dark part the rim holds, and none of the bright organ."""
+    rim takes the dark part the rim holds, and none of the bright organ (the rule is off by default)."""
     g = torch.Generator().manual_seed(0)
     image = 0.05 * torch.randn(40, 40, 6, generator=g)
     image[10:30, 10:30, :] += 1.0  # the organ
@@ -170,7 +170,7 @@ def test_a_background_click_splits_an_attached_false_positive_along_the_image_ed
     label = plain.clone()
     label[held] = 0
     click = Clicks([(0, (32, 20, 3))])
-    out, out_p = follow_clicks(label, sure, sure, click, held=held, image=image, plain=plain)
+    out, out_p = follow_clicks(label, sure, sure, click, held=held, image=image, plain=plain, split_attached=True)
     rim = torch.zeros_like(plain, dtype=torch.bool)
     rim[30:34, 12:28, 1:5] = True
     reach = torch.zeros_like(rim)
@@ -180,11 +180,13 @@ def test_a_background_click_splits_an_attached_false_positive_along_the_image_ed
     assert torch.equal(out_p[1][rim & reach] == 0, out[rim & reach] == 0)
     off, _ = follow_clicks(label, sure, sure, click, held=held, image=image, plain=plain, split_attached=False)
     assert int(off[rim].sum()) == int(rim.sum()) - 3 * 5 * 3  # without the rule: only the doubted patch
-    near, _ = follow_clicks(label, sure, sure, click, held=held, image=image, plain=plain, split_reach=5)
+    near, _ = follow_clicks(label, sure, sure, click, held=held, image=image, plain=plain, split_attached=True,
+                            split_reach=5)
     assert near[30:34, 12:14, 1:5].all() and near[30:34, 26:28, 1:5].all()  # beyond a reach of 5: kept
     assert near[30:34, 15:26, 1:5].float().mean() < 0.05
-    # without the plain answer (no Auto Segmentation to compare with) nothing is split
-    assert torch.equal(follow_clicks(label, sure, sure, click, held=held, image=image)[0], off)
+    # without the plain answer (no Auto Segmentation to compare with) nothing is split; off by default (measured)
+    assert torch.equal(follow_clicks(label, sure, sure, click, held=held, image=image, split_attached=True)[0], off)
+    assert torch.equal(follow_clicks(label, sure, sure, click, held=held, image=image, plain=plain)[0], off)
 
 
 def _tiny(network: str = "medsegdiff", click_channels: bool = False) -> tuple[torch.nn.Module, SegDiffConfig]:
