@@ -88,8 +88,13 @@ def main() -> int:
     p.add_argument("--pool", default="/tmp/segdiff-al-pool", help="where the pool is generated (kept for reruns)")
     p.add_argument("--report", default="/tmp/segdiff-al-report")
     p.add_argument("--partial", action="store_true", help="partial annotation: 4 slices per picked case")
+    p.add_argument("--merge", nargs="+", metavar="REPORT", help="report folders of the same run with other seeds: "
+                   "the table over all their runs, written (summary.json, curves.png) to --report; nothing is run")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more al-simulate options (override)")
     a = p.parse_args()
+    if a.merge:
+        print(table(merge([Path(m) for m in a.merge], Path(a.report))))
+        return 0
     pool = Path(a.pool)
     if not (pool / "cases.json").is_file():
         subprocess.run([sys.executable, str(ROOT / "sample-data" / "generate_phantoms.py"), "--output", str(pool),
@@ -124,6 +129,30 @@ def table(summary: dict) -> str:
         add(f"| {name} | {e['final_dice']:.4f} | {s['aubc']['mean']:.4f} ± {s['aubc']['se'] or 0:.4f} | "
               f"{vs('fg_random')} | {vs('random')} | {reached} |")
     return "\n".join(lines)
+
+
+def merge(reports: list[Path], out: Path) -> dict:
+    """The summary over the runs of several report folders of one simulation (same settings but seeds)."""
+    from monai_segdiff import al_simulation as al
+    from monai_segdiff import report as rep
+    from monai_segdiff.io import write_json
+
+    results = [json.loads((r / "curves.json").read_text()) for r in reports]
+    same = [{k: v for k, v in r["settings"].items() if k != "seeds"} for r in results]
+    if any(x != same[0] for x in same):
+        raise SystemExit("the report folders were made with different settings (besides the seeds)")
+    st = results[0]["settings"]
+    runs = [run for r in results for run in r["runs"]]
+    c = al.curves(runs, st["strategies"])
+    summary = al.label_saving(c, st["initial"] * (st["slices_per_case"] if st.get("unit") == "slices" else 1))
+    summary["per_seed"] = al.seed_summary(runs, st["strategies"])
+    summary["seeds"] = sorted({run["seed"] for run in runs})
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(summary, out / "summary.json")
+    unit = "annotated slices" if st.get("unit") == "slices" else "labelled cases"
+    rep.plot_learning_curves(out / "curves.png", c, target=summary["target_dice"], xlabel=unit,
+                             title=f"{st['network']} learner, seeds {summary['seeds']}")
+    return summary
 
 
 if __name__ == "__main__":
