@@ -43,8 +43,8 @@ class SlicesStrategy(UncertaintyStrategy):
                  reservations: Reservations | None = None):
         super().__init__(reserve_seconds=reserve_seconds, seed=seed, reservations=reservations)
         self.slices = int(slices)
-        self.description = (f"Partial annotation: the {self.slices} most uncertain slices of the image where they "
-                            "are most uncertain (only those slices need a label)")
+        self.description = (f"Partial annotation: the unlabeled image whose {self.slices} most uncertain slices are the "
+                            "most uncertain, with those slices (only they need a label)")
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "slices": self.slices}
