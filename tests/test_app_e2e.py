@@ -211,7 +211,7 @@ def test_info_lists_models_for_slicer(env):
             for v in task.get("config", {}).values():
                 if isinstance(v, list):
                     assert v and all(isinstance(x, str) for x in v), (section, v)
-    assert list(info["strategies"])[0] == "segdiff_uncertainty"
+    assert list(info["strategies"])[:3] == ["segdiff_random", "segdiff_uncertainty", "segdiff_slices"]  # default first
     assert "slices" in info["strategies"]["segdiff_slices"]["description"]
     assert {"random", "first"} <= set(info["strategies"])
     assert "segdiff_uncertainty" in info["scoring"]

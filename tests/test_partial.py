@@ -237,6 +237,12 @@ def test_the_slices_strategy_hands_out_the_most_uncertain_slices_and_shares_rese
     # b asks the whole-image strategy next: b's image is released, and what u hands out carries no request
     whole = u({"client_id": "b"}, store)["id"]
     assert whole == best and not store.get_image_info(best).get(act.ANNOTATE_KEY)
+    # the default strategy: random among the free images, with the same reservations
+    r = act.FreeRandomStrategy(reservations=shared, seed=0)
+    assert r({"client_id": "e"}, store) is None  # a, b and c hold all three
+    shared.by_client.clear()  # a, b and c are done
+    picks = {r({"client_id": c}, store)["id"] for c in ("e", "f", "g")}
+    assert picks == {"x", "y", "z"}  # e, f and g each get their own image, in random order
 
 
 def test_a_label_is_partial_only_while_its_request_is_live(tmp_path):

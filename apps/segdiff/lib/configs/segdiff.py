@@ -49,7 +49,7 @@ from monai_segdiff.postprocess import parse_postprocess
 from monai_segdiff.retrain import RetrainOptions
 from monai_segdiff.values import flag
 
-from ..activelearning import Reservations, SlicesStrategy, UncertaintyStrategy
+from ..activelearning import FreeRandomStrategy, Reservations, SlicesStrategy, UncertaintyStrategy
 from ..infers.segdiff import SegDiffInfer
 from ..infers.segdiff_clicks import SegDiffClicksInfer
 from ..infers.segdiff_uncertainty import SegDiffUncertaintyInfer
@@ -192,7 +192,8 @@ class SegDiffTaskConfig(TaskConfig):
 
     def strategy(self) -> dict[str, Strategy]:
         shared = Reservations(60 * self.number("reserve_minutes"))  # one annotator per image, whichever strategy
-        return {
+        return {  # the first is Slicer's default: what won the simulations (BENCHMARKS.md, sessions 16-17)
+            f"{self.name}_random": FreeRandomStrategy(reservations=shared),
             f"{self.name}_uncertainty": UncertaintyStrategy(reservations=shared),
             f"{self.name}_slices": SlicesStrategy(slices=max(1, self.number("annotate_slices", int)),
                                                   reservations=shared),
