@@ -416,6 +416,22 @@ def test_next_sample_after_training(env):
     assert a["id"] not in held | {d["id"], e["id"]}
 
 
+def test_default_strategy_gives_each_annotator_a_free_image(env):
+    """``segdiff_random``, Slicer's default (first in ``/info``): a random unlabeled image no other annotator
+    holds; new annotators get distinct images until none is free, then an empty answer."""
+    assert list(client(env, "a").info()["strategies"])[0] == "segdiff_random"
+    labelled = {submitted(env)["id"], partial(env)["id"]}
+    got = []
+    for i in range(len(env["unlabeled"]) + 1):
+        sample = client(env, f"annotator-r{i}").next_sample("segdiff_random", {})
+        if not sample:
+            break
+        assert sample["selection"] == "random" and sample["id"] in env["unlabeled"], dump(sample)
+        got.append(sample["id"])
+    assert got and len(set(got)) == len(got) and not set(got) & labelled, got
+    assert len(got) < len(env["unlabeled"]) - len(labelled)  # the images a and b (at least) hold are not given
+
+
 def test_without_a_model_infer_is_404_not_500(env):
     wait_for(lambda: task_idle(env["url"], "scoring"), timeout=120, what="scoring task to finish")
     moved = env["model"].with_suffix(".bak")
