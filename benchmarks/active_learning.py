@@ -144,7 +144,7 @@ def merge(reports: list[Path], out: Path) -> dict:
     st = results[0]["settings"]
     runs = [run for r in results for run in r["runs"]]
     c = al.curves(runs, st["strategies"])
-    summary = al.label_saving(c, st["initial"] * (st["slices_per_case"] if st.get("unit") == "slices" else 1))
+    summary = al.label_saving(c, al.initial_budget(st))
     summary["per_seed"] = al.seed_summary(runs, st["strategies"])
     summary["seeds"] = sorted({run["seed"] for run in runs})
     out.mkdir(parents=True, exist_ok=True)

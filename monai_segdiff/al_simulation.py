@@ -381,8 +381,7 @@ def _write(out: Path, result: dict, pictures: bool = True) -> None:
     labels = result.get("learner", {}).get("labels", [])
     result["curves_per_label"] = {n: curves(result["runs"], result["settings"]["strategies"], n) for n in labels}
     st = result["settings"]
-    per_case = st.get("slices_per_case", 1) if st.get("unit") == "slices" else 1  # the budget's unit per case
-    result["summary"] = label_saving(c, st["initial"] * per_case)
+    result["summary"] = label_saving(c, initial_budget(st))
     result["summary"]["per_seed"] = seed_summary(result["runs"], result["settings"]["strategies"])
     safe = finite(result)
     write_json(safe, out / "curves.json")
@@ -422,6 +421,11 @@ def label_classes(items: Sequence[dict], label_names: dict[str, int]) -> dict[st
     """``{id: foreground values its label contains}`` (what ``fg_random`` may know, as nnActive's baseline)."""
     return {it["id"]: {int(v) for v in torch.unique(load_label(it["label"], label_names)[0]).tolist() if v > 0}
             for it in items}
+
+
+def initial_budget(settings: dict) -> int:
+    """The budget of the initial labelled cases, in the run's unit (``asdict(SimulationSettings)``)."""
+    return settings["initial"] * (settings.get("slices_per_case", 1) if settings.get("unit") == "slices" else 1)
 
 
 def slice_candidates(items: Sequence[dict], cfg: SegDiffConfig) -> dict[str, tuple[int, list[int]]]:

@@ -81,18 +81,21 @@ def test_mc_dropout_scorer_uses_the_case_score_of_its_samples(studies, tmp_path)
     assert 0.0 <= scores[items[2]["id"]]["score"] <= 1.0 and 0.0 <= scores[items[2]["id"]]["dice"] <= 1.0
 
 
+def al_simulate(studies: Path, out: Path, *options: str) -> int:
+    """``segdiff al-simulate`` on a tiny budget (2 initial cases, 30 % test, a tiny learner) with ``options``."""
+    parser = argparse.ArgumentParser(prog="segdiff")
+    add_al_parser(parser.add_subparsers(dest="command"))
+    return cmd_al_simulate(parser.parse_args([
+        "al-simulate", "--studies", str(studies), "--report", str(out), "--seeds", "0", "--initial", "2",
+        "--test-fraction", "0.3", "--epochs", "1", "--iterations-per-epoch", "2", "--batch-size", "4",
+        "--channels", "8,16,16", "--spacing=-1,-1,-1", "--samples", "2", "--steps", "2", "--quiet", *options,
+    ]))
+
+
 @pytest.mark.slow
 def test_simulation_runs_end_to_end(studies, tmp_path):
     out = tmp_path / "al"
-    parser = argparse.ArgumentParser(prog="segdiff")
-    add_al_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([
-        "al-simulate", "--studies", str(studies), "--report", str(out), "--strategies", "random,segdiff_uncertainty",
-        "--seeds", "0", "--initial", "2", "--rounds", "2", "--test-fraction", "0.3", "--epochs", "1",
-        "--iterations-per-epoch", "2", "--batch-size", "4", "--channels", "8,16,16", "--spacing=-1,-1,-1",
-        "--samples", "2", "--steps", "2", "--quiet",
-    ])
-    assert cmd_al_simulate(args) == 0
+    assert al_simulate(studies, out, "--strategies", "random,segdiff_uncertainty", "--rounds", "2") == 0
     result = strict_json(out / "curves.json")
     assert result["split"] == {"pool": 5, "test": 2, "test_ids": result["split"]["test_ids"]}
     runs = {r["strategy"]: r for r in result["runs"]}
@@ -166,15 +169,8 @@ def test_partial_annotation_simulation_counts_annotated_slices(studies, tmp_path
     """``al-simulate --unit slices``: each picked case gets ``--slices-per-case`` annotated slices, the budget
     counts them, the learner trains on them, and the uncertainty rule hands out uncertain slices."""
     out = tmp_path / "al"
-    parser = argparse.ArgumentParser(prog="segdiff")
-    add_al_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([
-        "al-simulate", "--studies", str(studies), "--report", str(out), "--strategies", "random,segdiff_uncertainty",
-        "--unit", "slices", "--slices-per-case", "3", "--seeds", "0", "--initial", "2", "--rounds", "1",
-        "--test-fraction", "0.3", "--epochs", "1", "--iterations-per-epoch", "2", "--batch-size", "4",
-        "--channels", "8,16,16", "--spacing=-1,-1,-1", "--samples", "2", "--steps", "2", "--quiet",
-    ])
-    assert cmd_al_simulate(args) == 0
+    assert al_simulate(studies, out, "--strategies", "random,segdiff_uncertainty", "--unit", "slices",
+                       "--slices-per-case", "3", "--rounds", "1") == 0
     result = strict_json(out / "curves.json")
     assert result["settings"]["unit"] == "slices"
     runs = {r["strategy"]: r for r in result["runs"]}
