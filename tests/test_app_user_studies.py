@@ -6,7 +6,10 @@ Next Sample -> Auto Segmentation (honest names: the phantom model's, and a note 
 the user's structure) -> Submit Label (kept whole under its own name; the label set persisted) -> Train
 with Slicer's defaults (refused while every label is empty; then a new model for the user's label set,
 published under the studies folder) -> Auto Segmentation finds the structure on an unlabelled scan ->
-restart keeps the label set; the shipped model file is byte-identical throughout.
+restart keeps the label set -> Next Sample ``segdiff_slices`` hands out the unlabelled scan's most uncertain
+slices (indices and S positions from its L-P-S header) -> Submit Label on those slices only is kept as drawn
+and recorded as partial -> a short training learns from it as a partial case; the shipped model file is
+byte-identical throughout.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-from conftest import APP, REPO, dump, reported, slicer_params, wait_task_done
+from conftest import APP, REPO, dump, reported, slicer_params, task_idle, wait_for, wait_task_done
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
@@ -194,4 +197,87 @@ def test_a_restart_keeps_the_label_set_and_the_users_model(env):
     assert info["labels"] == [NAME, "background"]
     assert info["segdiff"]["model"] == str(env["studies"] / ".segdiff" / "model" / "segdiff.pt")
     assert info["train_stats"]["segdiff_train"]["best_metric"] == pytest.approx(env["best_metric"])
+    assert json.loads((env["studies"] / "labels.json").read_text()) == {"background": 0, NAME: 1}
+
+
+def test_partial_annotation_of_the_most_uncertain_slices_of_a_real_scan(env):
+    """``segdiff_slices`` on the restarted server: the unlabelled real scan with its most uncertain slices
+    (indices and their S positions for Slicer's axial slider); the annotator draws the structure on those
+    slices only, under their own name; the label is kept as drawn and recorded as partial; a short training
+    learns from it as a partial case, for the user's label, leaving the earlier labels alone."""
+    from monai_segdiff import data
+
+    c = client(env)
+    own = env["studies"] / ".segdiff" / "model" / "segdiff.pt"
+    slices_key, ts_key = "segdiff_slice_scores", "segdiff_uncertainty_ts"
+
+    def scored():  # the unlabelled scan's per-slice scores, from the served (the user's) model
+        info = c.datastore()["objects"][TEST_ID]["image"]["info"]
+        return info if info.get(ts_key) == own.stat().st_mtime and (info.get(slices_key) or {}).get("slices") else None
+
+    info = wait_for(scored, timeout=300, interval=2, what="start-up scoring of the restarted server")
+    TIMINGS["restarted server: from its start until the unlabelled scan has slice scores (s)"] = (
+        time.time() - env["server"].started)
+    wait_for(lambda: task_idle(env["url"], "scoring"), timeout=120, what="scoring task to finish")
+
+    server_info = c.info()
+    n = server_info["strategies"]["segdiff_slices"]["slices"]
+    assert n == 4  # the conf's default (annotate_slices)
+    t0 = time.time()
+    sample = c.next_sample("segdiff_slices", slicer_params(server_info, "activelearning", "segdiff_slices"))
+    TIMINGS["Next Sample segdiff_slices (s)"] = time.time() - t0
+    ann = sample.get("annotate")
+    assert sample["id"] == TEST_ID and sample["selection"] == "most uncertain slices" and ann, dump(sample)
+    image = nib.load(str(REAL / f"{TEST_ID}.nii.gz"))
+    axis, slices = ann["axis"], ann["slices"]
+    assert axis == info[slices_key]["axis"] == 2, dump(sample)  # this scan's axial (S) axis
+    assert len(slices) == n and len(set(slices)) == n, dump(sample)
+    assert all(isinstance(j, int) and 0 <= j < image.shape[axis] for j in slices), dump(sample)
+    # S (the third coordinate in RAS, nibabel's world, as in LPS) of each slice's centre, from the header;
+    # this scan is stored L-P-S, so its array axes run against R and A
+    centre = (np.asarray(image.shape[:3], np.float64) - 1) / 2
+    expected = []
+    for j in slices:
+        voxel = centre.copy()
+        voxel[axis] = j
+        expected.append(float((image.affine @ np.append(voxel, 1.0))[2]))
+    assert ann["positions_mm"] == pytest.approx(expected, abs=0.01), dump(sample)
+
+    # the annotator draws the reference on those slices only, in a segment named as their others
+    ref = truth(TEST_ID) > 0
+    on_slices = np.zeros_like(ref)
+    index = [slice(None)] * 3
+    for j in slices:
+        index[axis] = j
+        on_slices[tuple(index)] = True
+    drawn = ref & on_slices
+    assert drawn.any()
+    upload = slicer_label(env, TEST_ID, {1: drawn})
+    t0 = time.time()
+    res = c.save_label(TEST_ID, str(upload), params={"label_info": [{"name": NAME, "idx": 1}]})
+    TIMINGS["Submit Label, partial (s)"] = time.time() - t0
+    assert res["segments"] == {NAME: 1} and res["label_set"] == {"background": 0, NAME: 1}, dump(res)
+    assert res["annotated_slices"]["axis"] == axis and res["annotated_slices"]["slices"] == sorted(slices), dump(res)
+    stored = nib.load(str(env["studies"] / "labels" / "final" / f"{TEST_ID}.nii.gz"))
+    assert stored.shape == image.shape and np.allclose(stored.affine, image.affine, atol=1e-4)
+    np.testing.assert_array_equal(stored_label(env, TEST_ID), drawn.astype(np.uint8))  # kept as drawn
+    assert data.annotated_slices(env["studies"]) == {TEST_ID: {"axis": axis, "slices": sorted(slices)}}
+    assert json.loads((env["studies"] / "labels" / "final" / "annotated_slices.json").read_text()) == {
+        TEST_ID: {"axis": axis, "slices": sorted(slices)}}
+    assert "segdiff_annotate" not in c.datastore()["objects"][TEST_ID]["image"]["info"]  # the request is answered
+
+    # train again with Slicer's parameters, one epoch (2 shared cores)
+    params = slicer_params(c.info(), "train", "segdiff_train")
+    params["max_epochs"] = 1
+    t0 = time.time()
+    c.train_start("segdiff_train", params)
+    done = wait_task_done(c.train_status, timeout=600, interval=2, what="training with the partial label")
+    TIMINGS["Train 1 epoch with the partial label, incl. subprocess start (s)"] = time.time() - t0
+    stats = c.info()["train_stats"]["segdiff_train"]
+    assert done["status"] == "DONE" and stats["status"] == "DONE", dump(stats) + env["server"].tail()
+    assert stats["partial_cases"] == 1 and stats["labels"] == [NAME], dump(stats)
+    assert stats["train_cases"] + stats["val_cases"] == 3, dump(stats)
+    for case in TRAIN_IDS:  # the earlier labels are untouched
+        np.testing.assert_array_equal(stored_label(env, case), truth(case))
+    np.testing.assert_array_equal(stored_label(env, TEST_ID), drawn.astype(np.uint8))
     assert json.loads((env["studies"] / "labels.json").read_text()) == {"background": 0, NAME: 1}
