@@ -184,9 +184,15 @@ def test_a_background_click_splits_an_attached_false_positive_along_the_image_ed
                             split_reach=5)
     assert near[30:34, 12:14, 1:5].all() and near[30:34, 26:28, 1:5].all()  # beyond a reach of 5: kept
     assert near[30:34, 15:26, 1:5].float().mean() < 0.05
-    # without the plain answer (no Auto Segmentation to compare with) nothing is split; off by default (measured)
+    # without the plain answer (no Auto Segmentation to compare with) nothing is split; on by default (measured)
     assert torch.equal(follow_clicks(label, sure, sure, click, held=held, image=image, split_attached=True)[0], off)
-    assert torch.equal(follow_clicks(label, sure, sure, click, held=held, image=image, plain=plain)[0], off)
+    assert torch.equal(follow_clicks(label, sure, sure, click, held=held, image=image, plain=plain)[0], out)
+    # a rim as bright as the organ (the image cannot tell them apart): the clicked tissue would take the
+    # organ within reach, more than SPLIT_MAX_SHARE of it, so nothing is split
+    bright = image.clone()
+    bright[30:34, 12:28, 1:5] += 1.0
+    same, _ = follow_clicks(label, sure, sure, click, held=held, image=bright, plain=plain, split_attached=True)
+    assert torch.equal(same, off)
 
 
 def _tiny(network: str = "medsegdiff", click_channels: bool = False) -> tuple[torch.nn.Module, SegDiffConfig]:
