@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 import requests
 from conftest import REPO, dump, labelled_phantoms, reported, slicer_params
-from scipy import ndimage
 
-from monai_segdiff.clicks import REGION_REACH
+from monai_segdiff.clicks import REGION_REACH, centre_of_largest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -46,14 +45,6 @@ def env(tmp_path_factory, start_server):
 
 def array(path) -> np.ndarray:
     return np.asarray(nib.load(str(path)).dataobj).astype(np.int64)
-
-
-def deepest(mask: np.ndarray) -> list[int]:
-    """The voxel of the largest component of ``mask`` farthest from its border."""
-    regions, n = ndimage.label(mask)
-    largest = regions == 1 + int(np.argmax(ndimage.sum_labels(mask, regions, range(1, n + 1))))
-    depth = ndimage.distance_transform_edt(np.pad(largest, 1))[1:-1, 1:-1, 1:-1]
-    return [int(i) for i in np.unravel_index(int(np.argmax(depth)), depth.shape)], largest
 
 
 def infer(env, model: str, params: dict, key: str | None = None, case: str | None = None):
@@ -102,7 +93,7 @@ def test_clicks_fix_what_they_point_at(env):
     ref = reference(env, env["case"])
     # a false positive: background click at its centre, as the plugin sends it in multi-label mode
     fp = (plain > 0) & (ref == 0)
-    bg, fp_region = deepest(fp)
+    bg, fp_region = centre_of_largest(fp)
     clicked, out = infer(env, "segdiff_clicks", {"organ": [], "lesion": [], "background": [bg], "label": "organ"},
                          "first click, plain ensemble cached (s)")
     assert clicked[tuple(bg)] == 0
@@ -116,7 +107,7 @@ def test_clicks_fix_what_they_point_at(env):
     assert set(out["uncertainty_stats"]) == {"organ", "lesion"}
     # a missed region: a foreground click of its label, with the first click kept (each request carries all)
     fn = (clicked == 0) & (ref > 0)
-    fg, fn_region = deepest(fn)
+    fg, fn_region = centre_of_largest(fn)
     name = {1: "organ", 2: "lesion"}[int(ref[tuple(fg)])]
     points = {"organ": [], "lesion": [], "background": [bg], "label": name}
     points[name] = [fg]
@@ -134,7 +125,7 @@ def test_clicks_fix_what_they_point_at(env):
 def test_single_label_mode_answers_the_clicked_segment(env):
     auto_segmentation(env)
     ref = reference(env, env["case"])
-    fg, _ = deepest(ref == 1)
+    fg, _ = centre_of_largest(ref == 1)
     mask, out = infer(env, "segdiff_clicks", {"label": "organ", "foreground": [fg], "background": []})
     assert set(np.unique(mask)) <= {0, 1} and mask[tuple(fg)] == 1
     assert out["label_names"] == {"organ": 1}

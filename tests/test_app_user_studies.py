@@ -26,6 +26,8 @@ import pytest
 import requests
 from conftest import APP, REPO, dump, reported, slicer_params, task_idle, wait_for, wait_task_done
 
+from monai_segdiff.clicks import REGION_REACH, centre_of_largest
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
 REAL = REPO / "sample-data" / "real-spine"
@@ -198,6 +200,51 @@ def test_a_restart_keeps_the_label_set_and_the_users_model(env):
     assert info["segdiff"]["model"] == str(env["studies"] / ".segdiff" / "model" / "segdiff.pt")
     assert info["train_stats"]["segdiff_train"]["best_metric"] == pytest.approx(env["best_metric"])
     assert json.loads((env["studies"] / "labels.json").read_text()) == {"background": 0, NAME: 1}
+
+
+def test_clicks_correct_the_users_model_on_the_real_scan(env):
+    """Correction with clicks on the unlabelled real scan, with the user's model (restarted server), as the
+    plugin sends them in multi-label mode: a background click at the centre of the largest false positive
+    of the Auto Segmentation, then a foreground click at the centre of the largest missed region; each
+    shrinks its region, the clicked voxels carry their label, the ensemble is sure there, and nothing
+    beyond the clicks' reach (10 voxels of the 1.5 mm working grid) changes."""
+    c = client(env)
+    info = c.info()
+    m = info["models"]["segdiff_clicks"]
+    assert m["type"] == "deepedit" and m["labels"] == {"background": 0, NAME: 1}, dump(m)
+
+    def infer(model: str, params: dict) -> tuple[np.ndarray, dict]:
+        t0 = time.time()
+        result, out = c.infer(model, TEST_ID, {**slicer_params(info, "infer", model), **params})
+        TIMINGS[f"{model} on the real scan, user's model (s)"] = time.time() - t0
+        try:
+            return np.asarray(nib.load(result).dataobj).astype(np.int64), out
+        finally:
+            Path(result).unlink()
+
+    plain, _ = infer("segdiff", {})
+    ref = truth(TEST_ID) > 0
+    bg, fp_region = centre_of_largest((plain == 1) & ~ref)
+    clicked, out = infer("segdiff_clicks", {NAME: [], "background": [bg], "label": NAME})
+    fp_after = int((clicked[fp_region] == 1).sum())
+    TIMINGS["real scan: false positive before -> after a background click"] = f"{int(fp_region.sum())} -> {fp_after}"
+    assert clicked[tuple(bg)] == 0 and fp_after < fp_region.sum(), dump(out)
+    inter = out["interaction"]
+    assert inter["clicked_uncertainty_after"] < max(inter["clicked_uncertainty_before"], 1e-3), dump(inter)
+    fg, fn_region = centre_of_largest((clicked == 0) & ref)
+    both, out2 = infer("segdiff_clicks", {NAME: [fg], "background": [bg], "label": NAME})
+    fn_after = int((both[fn_region] == 0).sum())
+    TIMINGS["real scan: missed region before -> after a foreground click"] = f"{int(fn_region.sum())} -> {fn_after}"
+    assert both[tuple(fg)] == 1 and both[tuple(bg)] == 0 and fn_after < fn_region.sum(), dump(out2)
+    spacing = np.abs(np.diag(nib.load(str(REAL / f"{TEST_ID}.nii.gz")).affine)[:3])
+    reach_mm = (REGION_REACH + 1) * np.maximum(spacing, [1.5, 1.5, 0.0])  # the working grid: 1.5 mm in-plane
+    index = np.indices(plain.shape).reshape(3, -1).T
+    near = np.zeros(plain.size, bool)
+    for point in (bg, fg):
+        near |= (np.abs(index - point) * spacing <= reach_mm).all(1)
+    changed = (both != plain).reshape(-1)
+    TIMINGS["real scan: voxels changed by the two clicks"] = int(changed.sum())
+    assert not (changed & ~near).any(), f"{int((changed & ~near).sum())} voxels changed beyond the clicks' reach"
 
 
 def test_partial_annotation_of_the_most_uncertain_slices_of_a_real_scan(env):

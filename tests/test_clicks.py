@@ -125,6 +125,33 @@ def test_a_click_where_no_member_drew_anything_grows_by_image_similarity():
     assert int(follow_clicks(label, probs, probs, Clicks([(1, (11, 11, 2))]), held=held)[0].sum()) == 1
 
 
+def test_clicks_of_different_labels_decide_only_the_voxels_nearer_to_them(monkeypatch):
+    # a structure no member drew: a foreground click grows it, a background click (the annotator: "this
+    # part is not it") 8 voxels away; each decides only the voxels nearer to it, in either order
+    g = torch.Generator().manual_seed(0)
+    image = 0.05 * torch.randn(30, 30, 5, generator=g)
+    image[6:26, 6:26, :] += 1.0
+    label = torch.zeros(30, 30, 5, dtype=torch.long)
+    probs = torch.stack([torch.ones(30, 30, 5), torch.zeros(30, 30, 5)])
+    fg, bg = (1, (12, 12, 2)), (0, (20, 20, 2))
+    held = torch.zeros(30, 30, 5, dtype=torch.bool)
+    held[12, 12, 2] = held[20, 20, 2] = True
+    out, _ = follow_clicks(label, probs, probs, Clicks([fg, bg]), held=held, image=image)
+    x, y = torch.meshgrid(torch.arange(30), torch.arange(30), indexing="ij")
+    near_fg = ((x + y) < 32)[..., None].expand(30, 30, 5)  # nearer to (12, 12) than to (20, 20)
+    grown = torch.zeros(30, 30, 5, dtype=torch.bool)
+    grown[6:23, 6:23, :] = True  # the structure within the foreground click's reach
+    assert out[grown & near_fg].float().mean() > 0.95  # the foreground click's part stays
+    assert not out[~near_fg].any()  # the background click's part is background
+    assert torch.equal(follow_clicks(label, probs, probs, Clicks([bg, fg]), held=held, image=image)[0], out)
+    monkeypatch.setattr("monai_segdiff.clicks.NEAREST", False)
+    undone, _ = follow_clicks(label, probs, probs, Clicks([fg, bg]), held=held, image=image)
+    both = torch.zeros_like(grown)
+    both[10:23, 10:23, :] = True  # within both clicks' reach
+    assert out[grown & near_fg & both].float().mean() > 0.95
+    assert undone[grown & near_fg & both].float().mean() < 0.05  # without the rule the later click takes it back
+
+
 def test_a_click_in_a_small_blob_of_the_plain_answer_flips_the_whole_blob():
     # the plain answer: a sure false-positive blob over 3 slices, and a sure organ larger than the reach
     plain = torch.zeros(40, 40, 8, dtype=torch.long)
