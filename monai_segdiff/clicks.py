@@ -292,6 +292,15 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
     return label, probs
 
 
+def within_reach(clicks: Clicks, shape: Sequence[int], reach: int = REGION_REACH) -> torch.Tensor:
+    """The voxels of a grid of ``shape`` within ``reach`` voxels of a click (the box around each click that
+    :func:`follow_clicks` works in): all a click request may change; elsewhere the plain answer stays."""
+    out = torch.zeros(tuple(shape), dtype=torch.bool)
+    for _, p in clicks.points:
+        out[tuple(slice(max(0, c - reach), min(s, c + reach + 1)) for c, s in zip(p, shape))] = True
+    return out
+
+
 def _nearer(box: tuple[slice, ...], point: Sequence[int], value: int, clicks: Clicks) -> torch.Tensor:
     """The voxels of ``box`` nearer to ``point`` (a click of label ``value``) than to every click of
     another label (Euclidean, in voxels): the part of the box that click may decide."""

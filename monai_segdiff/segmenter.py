@@ -18,7 +18,7 @@ from torch import nn
 
 from . import selection
 from . import uncertainty as unc
-from .clicks import Clicks, click_region, follow_clicks, guidance
+from .clicks import Clicks, click_region, follow_clicks, guidance, within_reach
 from .config import SegDiffConfig, load_checkpoint
 from .diffusion.inferer import EnsembleOutput, SegDiffInferer, context_slices, pad_to_multiple
 from .diffusion.sampler import build_sampler
@@ -268,6 +268,12 @@ class Segmenter:
             label_pre, probs = follow_clicks(label_pre, probs, out.probs, work_clicks, held=held_label >= 0,
                                              image=pre[0].as_tensor() if hasattr(pre, "as_tensor") else pre[0],
                                              plain=None if previous is None else previous.label_work)
+        if work_clicks and known is None and previous is not None and previous.fused is not None:
+            # beyond the clicks' reach the plain answer stays (resampling a clicked slice, or a 3D model's
+            # whole volume, would otherwise redraw voxels no click speaks for)
+            near = within_reach(work_clicks, label_pre.shape)
+            probs = torch.where(near, probs, previous.fused)
+            label_pre = torch.where(near, label_pre, previous.label_work)
         t_post = time.perf_counter()
         label, umap_orig = self._to_input_grid(probs, umap, label_pre, pre, img)
         t_back = time.perf_counter()

@@ -27,6 +27,7 @@ import requests
 from conftest import APP, REPO, dump, reported, slicer_params, task_idle, wait_for, wait_task_done
 
 from monai_segdiff.clicks import REGION_REACH, centre_of_largest
+from monai_segdiff.config import load_checkpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
@@ -207,7 +208,7 @@ def test_clicks_correct_the_users_model_on_the_real_scan(env):
     plugin sends them in multi-label mode: a background click at the centre of the largest false positive
     of the Auto Segmentation, then a foreground click at the centre of the largest missed region; each
     shrinks its region, the clicked voxels carry their label, the ensemble is sure there, and nothing
-    beyond the clicks' reach (10 voxels of the 1.5 mm working grid) changes."""
+    beyond the clicks' reach (10 voxels of the model's working grid) changes."""
     c = client(env)
     info = c.info()
     m = info["models"]["segdiff_clicks"]
@@ -236,8 +237,10 @@ def test_clicks_correct_the_users_model_on_the_real_scan(env):
     fn_after = int((both[fn_region] == 0).sum())
     TIMINGS["real scan: missed region before -> after a foreground click"] = f"{int(fn_region.sum())} -> {fn_after}"
     assert both[tuple(fg)] == 1 and both[tuple(bg)] == 0 and fn_after < fn_region.sum(), dump(out2)
-    spacing = np.abs(np.diag(nib.load(str(REAL / f"{TEST_ID}.nii.gz")).affine)[:3])
-    reach_mm = (REGION_REACH + 1) * np.maximum(spacing, [1.5, 1.5, 0.0])  # the working grid: 1.5 mm in-plane
+    spacing = np.abs(np.diag(nib.load(str(REAL / f"{TEST_ID}.nii.gz")).affine)[:3])  # axis-aligned scan
+    _, cfg, _ = load_checkpoint(env["studies"] / ".segdiff" / "model" / "segdiff.pt")
+    work = np.where(np.asarray(cfg.spacing) > 0, cfg.spacing, spacing)  # the model's working grid (mm)
+    reach_mm = (REGION_REACH + 1) * work
     index = np.indices(plain.shape).reshape(3, -1).T
     near = np.zeros(plain.size, bool)
     for point in (bg, fg):

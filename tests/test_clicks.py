@@ -8,7 +8,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from monai_segdiff.clicks import Clicks, click_region, follow_clicks, grow, guidance, next_click, parse_clicks
+from monai_segdiff.clicks import (REGION_REACH, Clicks, click_region, follow_clicks, grow, guidance, next_click,
+                                  parse_clicks)
 from monai_segdiff.config import SegDiffConfig
 from monai_segdiff.errors import InputError
 from monai_segdiff.interaction import clicks_on_errors, with_simulated_clicks
@@ -274,6 +275,25 @@ def test_clean_up_in_3d_leaves_slices_without_clicks_alone():
     others = [z for z in range(9) if z != 4]
     assert torch.equal(update.label[..., others], plain.label[..., others])
     assert int(update.label[0, 12, 10, 4]) == 1 and int(update.label[0, 5, 5, 4]) == 2
+
+
+def test_a_click_changes_nothing_beyond_its_reach(monkeypatch):
+    net, cfg = _tiny()
+    seg = Segmenter(net, cfg)
+    g = torch.Generator().manual_seed(2)
+    img = MetaTensor(torch.rand(1, 48, 40, 9, generator=g), affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0])))
+    plain = seg(img)
+    clicks = Clicks([(1, (4, 4, 4))])
+    far = torch.ones(48, 40, 9, dtype=torch.bool)
+    far[: 4 + REGION_REACH + 1, : 4 + REGION_REACH + 1] = False
+    update = seg(None, clicks=clicks, previous=plain)
+    assert int(update.label[0, 4, 4, 4]) == 1
+    assert torch.equal(update.label[0][far], plain.label[0][far])
+    assert torch.equal(update.fused[:, far], plain.fused[:, far])  # (working grid = input grid here)
+    # without the rule the resampled slice differs beyond the reach (the network sees the whole slice)
+    monkeypatch.setattr("monai_segdiff.segmenter.within_reach", lambda c, shape: torch.ones(shape, dtype=torch.bool))
+    loose = seg(None, clicks=clicks, previous=plain)
+    assert not torch.equal(loose.fused[:, far], plain.fused[:, far])
 
 
 def test_segmenter_holds_known_label_voxels():
