@@ -49,14 +49,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from interactive import TASKS, split_studies  # noqa: E402  (the same tasks and held-out cases)
+from interactive import REALDEV, TASKS, split_studies  # noqa: E402  (the same tasks and held-out cases)
 
 from monai_segdiff import click_bench, clicks, data  # noqa: E402
 
-# real tasks of sample-data/make_real_dev.py (task: held-out case names; the rest of the task trains).
-# ts_example_ct and ts_example_ct_dicom are one scan (NIfTI and DICOM exports): the abdomen model has
-# seen its anatomy, at another resolution and field of view; it is the only multi-class real task.
-REALDEV = {"abdomen": ["ts_example_ct_dicom"], "lung-tumour": ["pyrad_lung1"], "brain-tumour": ["pyrad_brain1"]}
 # each rule: the module settings of monai_segdiff.clicks it runs with (read by follow_clicks at each call)
 RULES = {
     "session 16": {"SPLIT_ATTACHED": False, "NEAREST": False},

@@ -1,7 +1,8 @@
 """Correction with clicks, side by side at equal training minutes (issue 24).
 
-For each task (the phantoms; the real spine CTs shipped in sample-data/real-spine) three models are trained
-for the same minutes on the same training cases, one after another:
+For each task (the phantoms; the real spine CTs shipped in sample-data/real-spine; with ``--realdev``, the
+real development set's tasks) three models (or ``--models``) are trained for the same minutes on the same
+training cases, one after another:
   * medsegdiff            the diffusion model as the app trains it; clicks act without retraining (held
                           voxels in every sampling step)
   * medsegdiff + clicks   the same with click guidance channels, trained with simulated clicks
@@ -10,6 +11,8 @@ for the same minutes on the same training cases, one after another:
 then ``segdiff bench --interactive`` runs the simulated annotator on the held-out cases.
 
     python benchmarks/interactive.py --minutes 3 --output benchmarks/interactive.json
+    python benchmarks/interactive.py --tasks "" --realdev /tmp/realdev --models medsegdiff unet+clicks \
+        --work /tmp/click-rules --output benchmarks/interactive-realdev.json   # the real development set
 
 Writes the JSON of every run and prints the markdown table used in BENCHMARKS.md.
 """
@@ -31,6 +34,10 @@ TASKS = {
     # ts_example_ct and ts_example_ct_dicom are one scan (NIfTI and DICOM exports): both train, the other CT tests
     "real-spine": (ROOT / "sample-data" / "real-spine", ["slicer_ctchest4"]),
 }
+# real tasks of sample-data/make_real_dev.py (task: held-out case names; the rest of the task trains).
+# ts_example_ct and ts_example_ct_dicom are one scan (NIfTI and DICOM exports): the abdomen model has
+# seen its anatomy, at another resolution and field of view; it is the only multi-class real task.
+REALDEV = {"abdomen": ["ts_example_ct_dicom"], "lung-tumour": ["pyrad_lung1"], "brain-tumour": ["pyrad_brain1"]}
 MODELS = {"medsegdiff": [], "medsegdiff+clicks": ["--click-channels"], "unet+clicks": ["--network", "unet", "--click-channels"]}
 
 
@@ -44,8 +51,9 @@ def split_studies(studies: Path, held_out: list[str], folder: Path) -> tuple[Pat
     for label in sorted((studies / "labels" / "final").glob("*.nii.gz")):
         name = label.name[: -len(".nii.gz")]
         d = test if name in held_out else train
-        os.symlink(studies / label.name, d / label.name)
-        os.symlink(label, d / "labels" / "final" / label.name)
+        for link, target in ((d / label.name, studies / label.name), (d / "labels" / "final" / label.name, label)):
+            if not link.is_symlink():  # a kept --work folder: already split
+                os.symlink(target, link)
     return train, test
 
 
@@ -53,17 +61,26 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=3.0, help="training minutes per model")
     p.add_argument("--max-clicks", type=int, default=20)
-    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--tasks", default=",".join(TASKS), help="of TASKS, comma-separated ('' for none)")
+    p.add_argument("--realdev", help="a folder built by sample-data/make_real_dev.py: also its REALDEV tasks")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--work", help="folder for the models (kept; an existing model is reused)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "interactive.json"))
     a = p.parse_args()
     results = {}
-    work = Path(tempfile.mkdtemp(prefix="segdiff-interactive-"))
-    for task in a.tasks.split(","):
-        studies, held_out = TASKS[task]
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="segdiff-interactive-"))
+    tasks = {t: TASKS[t] for t in a.tasks.split(",") if t}
+    if a.realdev:
+        tasks.update({t: (Path(a.realdev) / t, held) for t, held in REALDEV.items()})
+    for task, (studies, held_out) in tasks.items():
         train, test = split_studies(studies, held_out, work / task)
         models = []
-        for name, extra in MODELS.items():
+        for name in a.models:
+            extra = MODELS[name]
             out = work / task / f"{name.replace('+', '_')}.pt"
+            if out.is_file():
+                models.append((name, out))
+                continue
             cmd = [sys.executable, "-m", "monai_segdiff.cli", "train", "--studies", str(train), "--output", str(out),
                    "--max-minutes", str(a.minutes), "--quiet", *extra]
             print(" ".join(cmd), file=sys.stderr, flush=True)
