@@ -42,14 +42,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from interactive import REALDEV, TASKS, split_studies  # noqa: E402  (the same tasks and held-out cases)
+# the same tasks, held-out cases and training as interactive.py
+from interactive import REALDEV, TASKS, select_tasks, split_studies, trained  # noqa: E402
 
 from monai_segdiff import click_bench, clicks, data  # noqa: E402
 
@@ -75,19 +75,11 @@ def main() -> int:
     p.add_argument("--output", default=str(ROOT / "click-rules.json"))
     a = p.parse_args()
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="segdiff-click-rules-"))
-    tasks = {t: TASKS[t] for t in a.tasks.split(",")}
-    if a.realdev:
-        tasks.update({t: (Path(a.realdev) / t, held) for t, held in REALDEV.items()})
     results = {}
-    for task, (studies, held_out) in tasks.items():
-        model = work / task / "medsegdiff.pt"
-        if not model.is_file():
-            train, _ = split_studies(studies, held_out, work / task)
-            cmd = [sys.executable, "-m", "monai_segdiff.cli", "train", "--studies", str(train), "--output", str(model),
-                   "--max-minutes", str(a.minutes), "--quiet"]
-            print(" ".join(cmd), file=sys.stderr, flush=True)
-            subprocess.run(cmd, check=True)
-        cases = data.labelled(data.datalist(work / task / "test"))
+    for task, (studies, held_out) in select_tasks(a.tasks, a.realdev).items():
+        train, test = split_studies(studies, held_out, work / task)
+        model = trained(train, work / task / "medsegdiff.pt", a.minutes)  # as interactive.py's medsegdiff
+        cases = data.labelled(data.datalist(test))
         for name in a.rules:
             for setting, value in RULES[name].items():
                 setattr(clicks, setting, value)

@@ -57,6 +57,25 @@ def split_studies(studies: Path, held_out: list[str], folder: Path) -> tuple[Pat
     return train, test
 
 
+def select_tasks(names: str, realdev: str | None) -> dict[str, tuple[Path, list[str]]]:
+    """The ``TASKS`` named in ``names`` (comma-separated, '' for none) and, with ``realdev`` (a folder built
+    by sample-data/make_real_dev.py), its ``REALDEV`` tasks."""
+    tasks = {t: TASKS[t] for t in names.split(",") if t}
+    if realdev:
+        tasks.update({t: (Path(realdev) / t, held) for t, held in REALDEV.items()})
+    return tasks
+
+
+def trained(studies: Path, out: Path, minutes: float, extra: list[str] = ()) -> Path:
+    """``out``, trained by ``segdiff train`` on ``studies`` for ``minutes`` unless it exists (a kept --work)."""
+    if not out.is_file():
+        cmd = [sys.executable, "-m", "monai_segdiff.cli", "train", "--studies", str(studies), "--output", str(out),
+               "--max-minutes", str(minutes), "--quiet", *extra]
+        print(" ".join(cmd), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=3.0, help="training minutes per model")
@@ -69,23 +88,10 @@ def main() -> int:
     a = p.parse_args()
     results = {}
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="segdiff-interactive-"))
-    tasks = {t: TASKS[t] for t in a.tasks.split(",") if t}
-    if a.realdev:
-        tasks.update({t: (Path(a.realdev) / t, held) for t, held in REALDEV.items()})
-    for task, (studies, held_out) in tasks.items():
+    for task, (studies, held_out) in select_tasks(a.tasks, a.realdev).items():
         train, test = split_studies(studies, held_out, work / task)
-        models = []
-        for name in a.models:
-            extra = MODELS[name]
-            out = work / task / f"{name.replace('+', '_')}.pt"
-            if out.is_file():
-                models.append((name, out))
-                continue
-            cmd = [sys.executable, "-m", "monai_segdiff.cli", "train", "--studies", str(train), "--output", str(out),
-                   "--max-minutes", str(a.minutes), "--quiet", *extra]
-            print(" ".join(cmd), file=sys.stderr, flush=True)
-            subprocess.run(cmd, check=True)
-            models.append((name, out))
+        models = [(name, trained(train, work / task / f"{name.replace('+', '_')}.pt", a.minutes, MODELS[name]))
+                  for name in a.models]
         bench = work / task / "bench.json"
         subprocess.run([sys.executable, "-m", "monai_segdiff.cli", "bench", "--interactive", "--studies", str(test),
                         "--max-clicks", str(a.max_clicks), "--output", str(bench), "--model", *[str(m) for _, m in models]],

@@ -256,7 +256,7 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
     split = SPLIT_ATTACHED if split_attached is None else bool(split_attached)
     split_reach = SPLIT_REACH if split_reach is None else int(split_reach)
     for value, p in clicks.points:
-        box = tuple(slice(max(0, c - reach), min(s, c + reach + 1)) for c, s in zip(p, label.shape))
+        box, _ = _box(p, label.shape, reach, slice_model=False)
         local = tuple(c - b.start for c, b in zip(p, box))
         lab = label[box]
         mine = _nearer(box, p, value, clicks) if NEAREST else torch.ones(lab.shape, dtype=torch.bool)
@@ -280,7 +280,7 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
         pr[:, region] = 0.0
         pr[value, region] = 1.0
         if split and value == 0 and image is not None and plain is not None and int(plain[p]) != 0:
-            sbox = tuple(slice(max(0, c - split_reach), min(s, c + split_reach + 1)) for c, s in zip(p, label.shape))
+            sbox, _ = _box(p, label.shape, split_reach, slice_model=False)
             cut = _attached(image[sbox].numpy(), tuple(c - b.start for c, b in zip(p, sbox)), label[sbox],
                             int(plain[p]), held[sbox], SPLIT_MAX_SHARE)
             if NEAREST:
@@ -292,26 +292,27 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
     return label, probs
 
 
-def within_reach(clicks: Clicks, shape: Sequence[int], reach: int = REGION_REACH) -> torch.Tensor:
-    """The voxels of a grid of ``shape`` within ``reach`` voxels of a click (the box around each click that
-    :func:`follow_clicks` works in): all a click request may change; elsewhere the plain answer stays."""
+def within_reach(clicks: Clicks, shape: Sequence[int], reach: int | None = None) -> torch.Tensor:
+    """The voxels of a grid of ``shape`` within ``reach`` voxels of a click (default: the larger of
+    ``REGION_REACH`` and ``SPLIT_REACH``, the boxes :func:`follow_clicks` works in): all a click request may
+    change; elsewhere the plain answer stays."""
+    reach = max(REGION_REACH, SPLIT_REACH) if reach is None else reach
     out = torch.zeros(tuple(shape), dtype=torch.bool)
     for _, p in clicks.points:
-        out[tuple(slice(max(0, c - reach), min(s, c + reach + 1)) for c, s in zip(p, shape))] = True
+        out[_box(p, shape, reach, slice_model=False)[0]] = True
     return out
 
 
 def _nearer(box: tuple[slice, ...], point: Sequence[int], value: int, clicks: Clicks) -> torch.Tensor:
     """The voxels of ``box`` nearer to ``point`` (a click of label ``value``) than to every click of
     another label (Euclidean, in voxels): the part of the box that click may decide."""
-    grid = torch.stack(torch.meshgrid(*[torch.arange(b.start, b.stop, dtype=torch.float32) for b in box],
-                                      indexing="ij"), dim=-1)
-    mine = (grid - torch.tensor(point, dtype=torch.float32)).square().sum(-1)
-    out = torch.ones(mine.shape, dtype=torch.bool)
+    grids = np.ogrid[box]
+    mine = sum((g - c) ** 2 for g, c in zip(grids, point))
+    out = np.ones(tuple(b.stop - b.start for b in box), dtype=bool)
     for v, q in clicks.points:
         if v != value:
-            out &= mine < (grid - torch.tensor(q, dtype=torch.float32)).square().sum(-1)
-    return out
+            out &= mine < sum((g - c) ** 2 for g, c in zip(grids, q))
+    return torch.from_numpy(out)
 
 
 def _attached(image: np.ndarray, local: Sequence[int], lab: torch.Tensor, under: int,
