@@ -118,17 +118,30 @@ def parse_clicks(params: Mapping, label_names: Mapping[str, int], shape: Sequenc
     return clicks if shape is None else clicks.check_within(shape)
 
 
-def _box(p: Sequence[int], shape: Sequence[int], reach: int, slice_model: bool) -> tuple[tuple[slice, ...], np.ndarray]:
-    """The box of voxels within ``reach`` of click ``p`` (only its slice for a slice model on a volume) and
-    their squared distances to it: clicks touch a few voxels, never the whole volume (a CT has 10^8)."""
+def _box(p: Sequence[int], shape: Sequence[int], reach: int | Sequence[int],
+         slice_model: bool) -> tuple[tuple[slice, ...], np.ndarray]:
+    """The box of voxels within ``reach`` of click ``p`` (one reach for every axis, or one per axis; only its
+    slice for a slice model on a volume) and their squared distances to it in voxels: clicks touch a few
+    voxels, never the whole volume (a CT has 10^8)."""
     in_plane = slice_model and len(shape) == 3
+    reaches = [int(reach)] * len(shape) if isinstance(reach, (int, np.integer)) else [int(r) for r in reach]
     box = tuple(
-        slice(c, c + 1) if (in_plane and axis == 2) else slice(max(0, c - reach), min(s, c + reach + 1))
-        for axis, (c, s) in enumerate(zip(p, shape))
+        slice(c, c + 1) if (in_plane and axis == 2) else slice(max(0, c - r), min(s, c + r + 1))
+        for axis, (c, s, r) in enumerate(zip(p, shape, reaches))
     )
     grids = np.ogrid[box]
     d2 = sum((g - c) ** 2 for axis, (g, c) in enumerate(zip(grids, p)) if not (in_plane and axis == 2))
     return box, np.broadcast_to(d2, tuple(b.stop - b.start for b in box))
+
+
+def reach_per_axis(reach: int, spacing: Sequence[float] | None) -> tuple[int, ...] | int:
+    """``reach`` voxels of the grid's coarsest axis as voxels of each axis (the same distance in mm along
+    every axis, rounded down; one value for every axis without ``spacing`` or without ``PHYSICAL``): on a
+    3 x 3 x 2 mm grid a reach of 10 is 30 mm, 10 / 10 / 15 voxels."""
+    if spacing is None or not PHYSICAL:
+        return int(reach)
+    coarsest = max(float(s) for s in spacing)
+    return tuple(int(np.floor(reach * coarsest / float(s) + 1e-6)) for s in spacing)
 
 
 def click_region(clicks: Clicks, shape: Sequence[int], num_classes: int, slice_model: bool,
@@ -205,6 +218,11 @@ SPLIT_MAX_SHARE = 0.5
 # measured against a rule written before the run (BENCHMARKS.md, session 19: Dice after 10 clicks +0.085 on
 # the phantoms, +0.032 on a held-out real brain tumour, unchanged on the other real tasks)
 NEAREST = True
+# distances in mm (read per call): a click's reach is the same distance along every axis (REGION_REACH voxels
+# of the grid's coarsest axis, see reach_per_axis) and the nearer click is nearer in mm. Off, both are counted
+# in voxels, which on an anisotropic grid (a CT's 3 x 3 x 2 mm) reach a third less far along the fine axis:
+# a background click on a contrast-filled aorta the model took for vertebrae removed it in 16 of 20 slices.
+PHYSICAL = True
 
 
 def grow(image: np.ndarray, seed: Sequence[int], multiplier: float = GROW_MULTIPLIER) -> np.ndarray:
@@ -222,7 +240,8 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
                   held: torch.Tensor | None = None, floor: float = REGION_FLOOR,
                   reach: int = REGION_REACH, image: torch.Tensor | None = None,
                   plain: torch.Tensor | None = None, split_attached: bool | None = None,
-                  split_reach: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  split_reach: int | None = None,
+                  spacing: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Carry each click to the region around it that the ensemble left open (working grid, 3D).
 
     ``label [*spatial]``, ``probs [K, *spatial]`` (the answer's class probabilities), ``gate [K, *spatial]``
@@ -248,18 +267,20 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
     the part that looks different from the clicked tissue stays; when that part would be more than
     ``SPLIT_MAX_SHARE`` of the structure within reach, nothing is split. Voxels held by other clicks are never
     flipped. With ``NEAREST``, a click's rules set only the voxels nearer to it than to every click of
-    another label (distance in voxels): a background click next to a region a foreground click grew takes
-    back only the part nearer to it, and the other way round, in whatever order they were placed. Written
+    another label: a background click next to a region a foreground click grew takes back only the part
+    nearer to it, and the other way round, in whatever order they were placed. With ``spacing`` (the grid's
+    voxel size in mm) and ``PHYSICAL``, reaches and distances are in mm (:func:`reach_per_axis`). Written
     here: no MONAI or scipy routine picks components by a seed voxel under a probability gate."""
     label, probs = label.clone(), probs.clone()
     held = torch.zeros(label.shape, dtype=torch.bool) if held is None else held
     split = SPLIT_ATTACHED if split_attached is None else bool(split_attached)
-    split_reach = SPLIT_REACH if split_reach is None else int(split_reach)
+    split_reach = reach_per_axis(SPLIT_REACH if split_reach is None else int(split_reach), spacing)
+    reach = reach_per_axis(reach, spacing)
     for value, p in clicks.points:
         box, _ = _box(p, label.shape, reach, slice_model=False)
         local = tuple(c - b.start for c, b in zip(p, box))
         lab = label[box]
-        mine = _nearer(box, p, value, clicks) if NEAREST else torch.ones(lab.shape, dtype=torch.bool)
+        mine = _nearer(box, p, value, clicks, spacing) if NEAREST else torch.ones(lab.shape, dtype=torch.bool)
         open_ = (gate[(value, *box)] >= floor) & (lab != value)
         open_ |= held[box] & (lab == value)  # paths run through the held neighbourhoods (already the clicked class)
         open_[local] = True  # the clicked voxel itself, whatever the members drew
@@ -284,7 +305,7 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
             cut = _attached(image[sbox].numpy(), tuple(c - b.start for c, b in zip(p, sbox)), label[sbox],
                             int(plain[p]), held[sbox], SPLIT_MAX_SHARE)
             if NEAREST:
-                cut &= _nearer(sbox, p, value, clicks)
+                cut &= _nearer(sbox, p, value, clicks, spacing)
             label[sbox][cut] = 0  # views (basic slicing): written into label and probs
             ps = probs[(slice(None), *sbox)]
             ps[:, cut] = 0.0
@@ -292,26 +313,33 @@ def follow_clicks(label: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, 
     return label, probs
 
 
-def within_reach(clicks: Clicks, shape: Sequence[int], reach: int | None = None) -> torch.Tensor:
-    """The voxels of a grid of ``shape`` within ``reach`` voxels of a click (default: the larger of
-    ``REGION_REACH`` and ``SPLIT_REACH``, the boxes :func:`follow_clicks` works in): all a click request may
-    change; elsewhere the plain answer stays."""
-    reach = max(REGION_REACH, SPLIT_REACH) if reach is None else reach
+def within_reach(clicks: Clicks, shape: Sequence[int], reach: int | None = None,
+                 spacing: Sequence[float] | None = None) -> torch.Tensor:
+    """The voxels of a grid of ``shape`` within ``reach`` of a click (default: the larger of ``REGION_REACH``
+    and ``SPLIT_REACH``, the boxes :func:`follow_clicks` works in; in mm with ``spacing``, as there): all a
+    click request may change; elsewhere the plain answer stays."""
+    reach = reach_per_axis(max(REGION_REACH, SPLIT_REACH) if reach is None else reach, spacing)
     out = torch.zeros(tuple(shape), dtype=torch.bool)
     for _, p in clicks.points:
         out[_box(p, shape, reach, slice_model=False)[0]] = True
     return out
 
 
-def _nearer(box: tuple[slice, ...], point: Sequence[int], value: int, clicks: Clicks) -> torch.Tensor:
+def _nearer(box: tuple[slice, ...], point: Sequence[int], value: int, clicks: Clicks,
+            spacing: Sequence[float] | None = None) -> torch.Tensor:
     """The voxels of ``box`` nearer to ``point`` (a click of label ``value``) than to every click of
-    another label (Euclidean, in voxels): the part of the box that click may decide."""
+    another label (Euclidean; in voxels, or in mm with ``spacing`` and ``PHYSICAL``): the part of the box
+    that click may decide."""
     grids = np.ogrid[box]
-    mine = sum((g - c) ** 2 for g, c in zip(grids, point))
+    if spacing is None or not PHYSICAL:
+        weights = [1] * len(grids)  # integers: exact comparisons
+    else:  # squared mm over the finest axis's: exactly 1.0 on an isotropic grid
+        weights = [(float(s) / min(float(t) for t in spacing)) ** 2 for s in spacing]
+    mine = sum(w * (g - c) ** 2 for w, g, c in zip(weights, grids, point))
     out = np.ones(tuple(b.stop - b.start for b in box), dtype=bool)
     for v, q in clicks.points:
         if v != value:
-            out &= mine < sum((g - c) ** 2 for g, c in zip(grids, q))
+            out &= mine < sum(w * (g - c) ** 2 for w, g, c in zip(weights, grids, q))
     return torch.from_numpy(out)
 
 

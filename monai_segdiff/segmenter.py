@@ -264,14 +264,16 @@ class Segmenter:
         label_pre = self.postprocess.clean(label_pre)
         if held_label is not None:
             probs, label_pre = self._keep_fixed(probs, label_pre, held_label, None if pre.ndim != 4 else previous)
+        spacing = [float(s) for s in pre.pixdim[: pre.ndim - 1]] if hasattr(pre, "pixdim") else None
         if work_clicks and self.follow:
             label_pre, probs = follow_clicks(label_pre, probs, out.probs, work_clicks, held=held_label >= 0,
                                              image=pre[0].as_tensor() if hasattr(pre, "as_tensor") else pre[0],
-                                             plain=None if previous is None else previous.label_work)
+                                             plain=None if previous is None else previous.label_work,
+                                             spacing=spacing)
         if work_clicks and known is None and previous is not None and previous.fused is not None:
             # beyond the clicks' reach the plain answer stays (resampling a clicked slice, or a 3D model's
             # whole volume, would otherwise redraw voxels no click speaks for)
-            near = within_reach(work_clicks, label_pre.shape)
+            near = within_reach(work_clicks, label_pre.shape, spacing=spacing)
             probs = torch.where(near, probs, previous.fused)
             label_pre = torch.where(near, label_pre, previous.label_work)
         t_post = time.perf_counter()
@@ -281,12 +283,11 @@ class Segmenter:
             label = MetaTensor(self.postprocess.clean(label[0], median=False)[None], meta=label.meta)
         label = self._hold_on_input_grid(label, clicks, known)
         t_clean = time.perf_counter()
-        spacing = [float(s) for s in pre.pixdim[: pre.ndim - 1]] if hasattr(pre, "pixdim") else [1.0]
         stats = {
             "label_names": self.cfg.label_names,
             "labels": unc.label_statistics(
                 label_pre, umap, out.samples, {n: v for n, v in self.cfg.label_names.items() if v > 0},
-                voxel_volume_mm3=float(math.prod(spacing)), threshold=self.threshold,
+                voxel_volume_mm3=float(math.prod(spacing or [1.0])), threshold=self.threshold,
             ),
             "case_score": unc.case_score(umap, out.probs, out.samples),
             "uncertainty": self.uncertainty_kind,
