@@ -136,8 +136,8 @@ def _box(p: Sequence[int], shape: Sequence[int], reach: int | Sequence[int],
 
 def reach_per_axis(reach: int, spacing: Sequence[float] | None) -> tuple[int, ...] | int:
     """``reach`` voxels of the grid's coarsest axis as voxels of each axis (the same distance in mm along
-    every axis, rounded down; one value for every axis without ``spacing`` or without ``PHYSICAL``): on a
-    3 x 3 x 2 mm grid a reach of 10 is 30 mm, 10 / 10 / 15 voxels."""
+    every axis, rounded down) with ``PHYSICAL`` and ``spacing``: on a 3 x 3 x 2 mm grid a reach of 10 is 30
+    mm, 10 / 10 / 15 voxels. Else ``reach`` itself, for every axis (the shipped setting)."""
     if spacing is None or not PHYSICAL:
         return int(reach)
     coarsest = max(float(s) for s in spacing)
@@ -219,10 +219,11 @@ SPLIT_MAX_SHARE = 0.5
 # the phantoms, +0.032 on a held-out real brain tumour, unchanged on the other real tasks)
 NEAREST = True
 # distances in mm (read per call): a click's reach is the same distance along every axis (REGION_REACH voxels
-# of the grid's coarsest axis, see reach_per_axis) and the nearer click is nearer in mm. Off, both are counted
-# in voxels, which on an anisotropic grid (a CT's 3 x 3 x 2 mm) reach a third less far along the fine axis:
-# a background click on a contrast-filled aorta the model took for vertebrae removed it in 16 of 20 slices.
-PHYSICAL = True
+# of the grid's coarsest axis, see reach_per_axis) and the nearer click is nearer in mm. Off, as measured
+# against a rule written before the run (BENCHMARKS.md, session 21: Dice after 10 clicks +0.095 on the real
+# spine CT, whose 3 x 3 x 2 mm working grid it reaches 15 slices along; but -0.032 on the phantoms and -0.086
+# on the held-out real brain tumour, whose in-plane reach it doubles): both are counted in voxels.
+PHYSICAL = False
 
 
 def grow(image: np.ndarray, seed: Sequence[int], multiplier: float = GROW_MULTIPLIER) -> np.ndarray:

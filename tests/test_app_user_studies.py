@@ -24,9 +24,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
+from scipy import ndimage
 from conftest import APP, REPO, dump, reported, slicer_params, task_idle, wait_for, wait_task_done
 
-from monai_segdiff.clicks import REGION_REACH, centre_of_largest
+from monai_segdiff.clicks import REGION_REACH, centre_of_largest, reach_per_axis
 from monai_segdiff.config import load_checkpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
@@ -205,10 +206,12 @@ def test_a_restart_keeps_the_label_set_and_the_users_model(env):
 
 def test_clicks_correct_the_users_model_on_the_real_scan(env):
     """Correction with clicks on the unlabelled real scan, with the user's model (restarted server), as the
-    plugin sends them in multi-label mode: a background click at the centre of the largest false positive
-    of the Auto Segmentation, then a foreground click at the centre of the largest missed region; each
-    shrinks its region, the clicked voxels carry their label, the ensemble is sure there, and nothing
-    beyond the clicks' reach (10 voxels of the model's working grid) changes."""
+    plugin sends them in multi-label mode: a background click at the centre of the largest false-positive
+    region of the Auto Segmentation removes most of it (at least half; its largest such region is the
+    contrast-filled aorta, which the model took for vertebrae), then a foreground click at the centre of the
+    largest missed region shrinks that; the clicked voxels carry their label, the ensemble is sure there, and
+    nothing beyond the clicks' reach (10 voxels of the model's working grid, ``clicks.reach_per_axis``)
+    changes."""
     c = client(env)
     info = c.info()
     m = info["models"]["segdiff_clicks"]
@@ -225,11 +228,16 @@ def test_clicks_correct_the_users_model_on_the_real_scan(env):
 
     plain, _ = infer("segdiff", {})
     ref = truth(TEST_ID) > 0
-    bg, fp_region = centre_of_largest((plain == 1) & ~ref)
+    # the false-positive region an annotator clicks in: the largest part of the false positive that is not a
+    # rim of a voxel or two along the border (an opening by a disc of 2 voxels, 2 mm, over 3 slices)
+    disc = np.repeat((np.hypot(*np.ogrid[-2:3, -2:3]) <= 2)[..., None], 3, axis=2)
+    bg, fp_region = centre_of_largest(ndimage.binary_opening((plain == 1) & ~ref, disc))
     clicked, out = infer("segdiff_clicks", {NAME: [], "background": [bg], "label": NAME})
     fp_after = int((clicked[fp_region] == 1).sum())
-    TIMINGS["real scan: false positive before -> after a background click"] = f"{int(fp_region.sum())} -> {fp_after}"
-    assert clicked[tuple(bg)] == 0 and fp_after < fp_region.sum(), dump(out)
+    TIMINGS["real scan: false-positive region before -> after a background click"] = f"{int(fp_region.sum())} -> {fp_after}"
+    # measured 3345 -> 625 (the user's model here; 6554 -> 1526 with a benchmark model): what stays lies beyond
+    # the click's 10 slices, or is attached tissue the ensemble was sure of
+    assert clicked[tuple(bg)] == 0 and fp_after <= 0.5 * fp_region.sum(), dump(out)
     inter = out["interaction"]
     assert inter["clicked_uncertainty_after"] < max(inter["clicked_uncertainty_before"], 1e-3), dump(inter)
     fg, fn_region = centre_of_largest((clicked == 0) & ref)
@@ -240,7 +248,8 @@ def test_clicks_correct_the_users_model_on_the_real_scan(env):
     spacing = np.abs(np.diag(nib.load(str(REAL / f"{TEST_ID}.nii.gz")).affine)[:3])  # axis-aligned scan
     _, cfg, _ = load_checkpoint(env["studies"] / ".segdiff" / "model" / "segdiff.pt")
     work = np.where(np.asarray(cfg.spacing) > 0, cfg.spacing, spacing)  # the model's working grid (mm)
-    half = np.floor((REGION_REACH + 1) * work / spacing + 1e-6).astype(int)  # this scan's voxels (1e-6: rounding)
+    reach = np.asarray(reach_per_axis(REGION_REACH, work))  # working-grid voxels per axis
+    half = np.floor((reach + 1) * work / spacing + 1e-6).astype(int)  # this scan's voxels (1e-6: rounding)
     near = np.zeros(plain.shape, bool)
     for point in (bg, fg):
         near[tuple(slice(max(0, c - h), c + h + 1) for c, h in zip(point, half))] = True

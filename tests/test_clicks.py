@@ -8,8 +8,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from monai_segdiff.clicks import (REGION_REACH, Clicks, click_region, follow_clicks, grow, guidance, next_click,
-                                  parse_clicks)
+from monai_segdiff.clicks import (REGION_REACH, Clicks, _nearer, click_region, follow_clicks, grow, guidance,
+                                  next_click, parse_clicks, reach_per_axis, within_reach)
 from monai_segdiff.config import SegDiffConfig
 from monai_segdiff.errors import InputError
 from monai_segdiff.interaction import clicks_on_errors, with_simulated_clicks
@@ -153,6 +153,33 @@ def test_clicks_of_different_labels_decide_only_the_voxels_nearer_to_them(monkey
     assert undone[grown & near_fg & both].float().mean() < 0.05  # without the rule the later click takes it back
 
 
+def test_reach_and_nearer_click_are_in_mm_on_an_anisotropic_grid(monkeypatch):
+    # clicks.PHYSICAL (off as shipped, by the measured rule; benchmarks/click_rules.py runs it): a false
+    # positive the members doubted (p = 0.6), a tube along the fine axis (2 mm slices on a 3 mm grid, as the
+    # real CT's working grid), 26 slices long; a background click in its middle
+    p1 = torch.zeros(12, 12, 40)
+    p1[4:8, 4:8, 7:33] = 0.6
+    probs = torch.stack([1 - p1, p1])
+    label = (p1 > 0.5).long()
+    click = Clicks([(0, (5, 5, 20))])
+    # counted in voxels (shipped), the click reaches 10 slices and the tube's ends stay
+    assert reach_per_axis(10, (3.0, 3.0, 2.0)) == 10
+    voxels, _ = follow_clicks(label, probs, probs, click, spacing=(3.0, 3.0, 2.0))
+    assert torch.equal(voxels, follow_clicks(label, probs, probs, click)[0])
+    assert voxels[4:8, 4:8, 7:10].all() and not voxels[..., 10:31].any() and voxels[4:8, 4:8, 31:33].all()
+    monkeypatch.setattr("monai_segdiff.clicks.PHYSICAL", True)
+    assert reach_per_axis(10, (3.0, 3.0, 2.0)) == (10, 10, 15) and reach_per_axis(10, (1.0, 1.0, 1.0)) == (10, 10, 10)
+    out, _ = follow_clicks(label, probs, probs, click, spacing=(3.0, 3.0, 2.0))
+    assert not out.any()  # 13 slices either side: 26 mm, within 30 mm (10 voxels of 3 mm)
+    near = within_reach(click, label.shape, spacing=(3.0, 3.0, 2.0))
+    assert near[5, 5, 5] and not near[5, 5, 4]  # 15 slices of 2 mm
+    # the nearer click, in mm: a foreground click 3 voxels (9 mm) across and a background click 4 slices (8 mm)
+    # along; the voxel between them is the background click's in mm, the foreground click's in voxels
+    two = Clicks([(1, (2, 2, 20)), (0, (5, 2, 24))])
+    assert not bool(_nearer((slice(5, 6), slice(2, 3), slice(20, 21)), (2, 2, 20), 1, two, (3.0, 3.0, 2.0)).any())
+    assert bool(_nearer((slice(5, 6), slice(2, 3), slice(20, 21)), (2, 2, 20), 1, two).all())
+
+
 def test_a_click_in_a_small_blob_of_the_plain_answer_flips_the_whole_blob():
     # the plain answer: a sure false-positive blob over 3 slices, and a sure organ larger than the reach
     plain = torch.zeros(40, 40, 8, dtype=torch.long)
@@ -291,7 +318,7 @@ def test_a_click_changes_nothing_beyond_its_reach(monkeypatch):
     assert torch.equal(update.label[0][far], plain.label[0][far])
     assert torch.equal(update.fused[:, far], plain.fused[:, far])  # (working grid = input grid here)
     # without the rule the resampled slice differs beyond the reach (the network sees the whole slice)
-    monkeypatch.setattr("monai_segdiff.segmenter.within_reach", lambda c, shape: torch.ones(shape, dtype=torch.bool))
+    monkeypatch.setattr("monai_segdiff.segmenter.within_reach", lambda c, shape, spacing: torch.ones(shape, dtype=torch.bool))
     loose = seg(None, clicks=clicks, previous=plain)
     assert not torch.equal(loose.fused[:, far], plain.fused[:, far])
 
