@@ -222,7 +222,7 @@ NEAREST = True
 # of the grid's coarsest axis, see reach_per_axis) and the nearer click is nearer in mm. Off, as measured
 # against a rule written before the run (BENCHMARKS.md, session 21: Dice after 10 clicks +0.095 on the real
 # spine CT, whose 3 x 3 x 2 mm working grid it reaches 15 slices along; but -0.032 on the phantoms and -0.086
-# on the held-out real brain tumour, whose in-plane reach it doubles): both are counted in voxels.
+# on the held-out real brain tumour, whose in-plane reach it multiplies by 2 and 8): both are counted in voxels.
 PHYSICAL = False
 
 
