@@ -234,7 +234,8 @@ def test_clicks_correct_the_users_model_on_the_real_scan(env):
     bg, fp_region = centre_of_largest(ndimage.binary_opening((plain == 1) & ~ref, disc))
     clicked, out = infer("segdiff_clicks", {NAME: [], "background": [bg], "label": NAME})
     fp_after = int((clicked[fp_region] == 1).sum())
-    TIMINGS["real scan: false-positive region before -> after a background click"] = f"{int(fp_region.sum())} -> {fp_after}"
+    TIMINGS["real scan: false-positive region before -> after a background click"] = (
+        f"{int(fp_region.sum())} -> {fp_after}")
     # measured 3345 -> 625 (the user's model here; 6554 -> 1526 with a benchmark model): what stays lies beyond
     # the click's 10 slices, or is attached tissue the ensemble was sure of
     assert clicked[tuple(bg)] == 0 and fp_after <= 0.5 * fp_region.sum(), dump(out)

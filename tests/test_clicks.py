@@ -318,7 +318,8 @@ def test_a_click_changes_nothing_beyond_its_reach(monkeypatch):
     assert torch.equal(update.label[0][far], plain.label[0][far])
     assert torch.equal(update.fused[:, far], plain.fused[:, far])  # (working grid = input grid here)
     # without the rule the resampled slice differs beyond the reach (the network sees the whole slice)
-    monkeypatch.setattr("monai_segdiff.segmenter.within_reach", lambda c, shape, spacing: torch.ones(shape, dtype=torch.bool))
+    monkeypatch.setattr("monai_segdiff.segmenter.within_reach",
+                        lambda c, shape, spacing: torch.ones(shape, dtype=torch.bool))
     loose = seg(None, clicks=clicks, previous=plain)
     assert not torch.equal(loose.fused[:, far], plain.fused[:, far])
 
